@@ -1,0 +1,1 @@
+"""Thin Prefect tasks around trainer/: retries, logging, artifacts and MLflow live here."""

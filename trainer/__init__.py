@@ -1,0 +1,1 @@
+"""fidel's training library: plain PyTorch, sentencepiece and pyarrow. No Prefect, no MLflow."""

@@ -1,0 +1,167 @@
+"""fidel checkpoints: atomic writes, a sidecar JSON that says what is inside, verified loads.
+
+A checkpoint holds the trainable state only. Frozen base rows and pass-through tensors stay in the
+base checkpoint and are referenced by their hash (design.md §4).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer.errors import FidelError
+from trainer.weights import torch_load
+
+FORMAT = "fidel-checkpoint-v1"
+NAME = re.compile(r"^ckpt-step(\d{8})\.pt$")
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Write through a temp file in the same folder, fsync, rename, fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, data: dict) -> None:
+    atomic_write_bytes(path, lambda h: h.write(json.dumps(data, indent=2, sort_keys=True).encode()))
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "python": list(random.getstate()),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+@dataclass
+class Saved:
+    path: Path
+    sidecar: dict
+
+
+def checkpoint_path(folder: Path, step: int) -> Path:
+    return folder / f"ckpt-step{step:08d}.pt"
+
+
+def sidecar_path(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def save_checkpoint(folder: Path, step: int, state: dict, sidecar: dict) -> Saved:
+    """state: everything to restore; sidecar: what a human or triage needs without loading it."""
+    path = checkpoint_path(folder, step)
+    atomic_write_bytes(path, lambda h: torch.save({"format": FORMAT, **state}, h))
+    meta = {"format": FORMAT, "file": path.name, "sha256": file_sha256(path), "size": path.stat().st_size,
+            "step": step, **sidecar}
+    atomic_write_json(sidecar_path(path), meta)
+    return Saved(path, meta)
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """fidel checkpoints in a folder, newest step first."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if NAME.match(p.name)]
+    return sorted(found, key=lambda p: int(NAME.match(p.name).group(1)), reverse=True)
+
+
+def read_sidecar(path: Path) -> dict:
+    side = sidecar_path(path)
+    if not side.is_file():
+        raise FidelError(path, "no sidecar JSON: cannot verify this checkpoint")
+    try:
+        meta = json.loads(side.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FidelError(side, f"sidecar is not valid JSON ({exc})") from exc
+    if meta.get("format") != FORMAT:
+        raise FidelError(side, f"unknown checkpoint format {meta.get('format')!r}")
+    return meta
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """The sidecar, after checking the file's sha256 against it. Never loads an unverified file."""
+    meta = read_sidecar(path)
+    actual = file_sha256(path)
+    if actual != meta.get("sha256"):
+        raise FidelError(path, f"sha256 {actual[:12]}… does not match its sidecar ({str(meta.get('sha256'))[:12]}…)")
+    return meta
+
+
+def load_checkpoint(path: Path) -> tuple[dict, dict]:
+    meta = verify_checkpoint(path)
+    state = torch_load(path)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise FidelError(path, "not a fidel checkpoint")
+    return state, meta
+
+
+def latest_valid_checkpoint(folder: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that verifies, and the (path, reason) of newer ones that did not."""
+    rejected = []
+    for path in list_checkpoints(folder):
+        try:
+            verify_checkpoint(path)
+            return path, rejected
+        except FidelError as exc:
+            rejected.append((path, exc.problem))
+    return None, rejected
+
+
+def prune_checkpoints(folder: Path, keep_last: int, keep: set[Path] = frozenset()) -> list[Path]:
+    """Delete all but the newest `keep_last` checkpoints (and any in `keep`); returns what was deleted."""
+    removed = []
+    for path in list_checkpoints(folder)[keep_last:]:
+        if path in keep:
+            continue
+        path.unlink(missing_ok=True)
+        sidecar_path(path).unlink(missing_ok=True)
+        removed.append(path)
+    return removed

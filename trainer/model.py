@@ -1,0 +1,285 @@
+"""The UnifiedVoice training path, with upstream's parameter names, and base text rows that are not parameters.
+
+Upstream builds the backbone from `transformers.GPT2Model`; here it is written directly with
+`F.scaled_dot_product_attention` (causal, no materialised mask). Weight layouts match HF's GPT-2
+(Conv1D weights are [in, out]) so a real `gpt.pth` loads with no renaming.
+
+Freezing (design.md §1): `text_embedding` and `text_head` each hold the base rows 0..B-1 as buffers and
+rows B..N as parameters. The optimizer, weight decay, clipping, GradScaler and DDP never see base rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from trainer.config import GPTConfig
+
+DROPOUT = 0.1  # GPT2Config as upstream builds it: resid, embd and attn dropout all 0.1
+LAYER_NORM_EPS = 1e-5
+
+
+class Conv1D(nn.Module):
+    """HF GPT-2's linear layer: weight stored [in, out]."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_in, n_out).normal_(std=0.02))
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.c_attn = Conv1D(dim, 3 * dim)
+        self.c_proj = Conv1D(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.c_attn(x).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=DROPOUT if self.training else 0.0)
+        return F.dropout(self.c_proj(y.transpose(1, 2).reshape(b, t, d)), DROPOUT, self.training)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.c_fc = Conv1D(dim, 4 * dim)
+        self.c_proj = Conv1D(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")), DROPOUT, self.training)
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.attn = Attention(dim, heads)
+        self.ln_2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.mlp = MLP(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Backbone(nn.Module):
+    """GPT2Model minus wte/wpe (upstream deletes wte and zeroes wpe): embedding dropout, blocks, ln_f."""
+
+    def __init__(self, dim: int, layers: int, heads: int):
+        super().__init__()
+        self.h = nn.ModuleList(Block(dim, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.dropout(x, DROPOUT, self.training)
+        for block in self.h:
+            x = block(x)
+        return self.ln_f(x)
+
+
+class LearnedPositions(nn.Module):
+    def __init__(self, positions: int, dim: int):
+        super().__init__()
+        self.emb = nn.Embedding(positions, dim)
+        nn.init.normal_(self.emb.weight, std=0.02)
+
+    def forward(self, length: int) -> torch.Tensor:
+        return self.emb.weight[:length]
+
+
+class SplitEmbedding(nn.Module):
+    """`text_embedding`: frozen base rows (buffer) + trainable new rows (parameter)."""
+
+    def __init__(self, base_rows: int, new_rows: int, dim: int):
+        super().__init__()
+        self.register_buffer("base", torch.zeros(base_rows, dim))
+        self.new = nn.Parameter(torch.empty(new_rows, dim).normal_(std=0.02))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.cat([self.base, self.new])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+class SplitHead(nn.Module):
+    """`text_head`: frozen base weight/bias rows (buffers) + trainable new rows (parameters)."""
+
+    def __init__(self, base_rows: int, new_rows: int, dim: int):
+        super().__init__()
+        bound = 1 / math.sqrt(dim)
+        self.register_buffer("base_weight", torch.zeros(base_rows, dim))
+        self.register_buffer("base_bias", torch.zeros(base_rows))
+        self.new_weight = nn.Parameter(torch.empty(new_rows, dim).uniform_(-bound, bound))
+        self.new_bias = nn.Parameter(torch.empty(new_rows).uniform_(-bound, bound))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.cat([self.base_weight, self.new_weight])
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return torch.cat([self.base_bias, self.new_bias])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+@dataclass
+class Batch:
+    """A collated batch: padded with 0 as the community collate does; lengths kept separately."""
+
+    text_ids: torch.Tensor  # [B, T] long
+    text_lengths: torch.Tensor  # [B]
+    codes: torch.Tensor  # [B, C] long
+    code_lengths: torch.Tensor  # [B]
+    condition: torch.Tensor  # [B, 32, D]
+    emo_vec: torch.Tensor  # [B, D]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return Batch(*(t.to(device, non_blocking=non_blocking) for t in self.__dict__.values()))
+
+    @property
+    def size(self) -> int:
+        return self.text_ids.shape[0]
+
+
+@dataclass
+class LossSums:
+    """Token-weighted sums, so that losses can be normalised over a global batch (accumulation, DDP)."""
+
+    text_ce: torch.Tensor
+    text_tokens: torch.Tensor
+    mel_ce: torch.Tensor
+    mel_tokens: torch.Tensor
+    mel_correct: torch.Tensor
+
+    def losses(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.text_ce / self.text_tokens.clamp_min(1), self.mel_ce / self.mel_tokens.clamp_min(1)
+
+
+def aligned_inputs_and_targets(ids: torch.Tensor, lengths: torch.Tensor, start: int, stop: int):
+    """Upstream's layout: pad with stop from each length, append one stop, then shift by a start token."""
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    padded = torch.where(positions[None, :] < lengths[:, None], ids, torch.full_like(ids, stop))
+    padded = F.pad(padded, (0, 1), value=stop)
+    inputs = F.pad(padded, (1, 0), value=start)
+    targets = F.pad(padded, (0, 1), value=stop)
+    return inputs, targets
+
+
+def valid_mask(width: int, lengths: torch.Tensor) -> torch.Tensor:
+    """Targets j < n + 1 are scored: the n tokens plus the first stop."""
+    return torch.arange(width, device=lengths.device)[None, :] < (lengths + 1)[:, None]
+
+
+class UnifiedVoiceGPT(nn.Module):
+    """The training path of IndexTTS2's UnifiedVoice, names as upstream's state_dict."""
+
+    def __init__(self, cfg: GPTConfig, base_rows: int):
+        super().__init__()
+        if not 0 <= base_rows <= cfg.text_rows:
+            raise ValueError(f"base_rows {base_rows} outside 0..{cfg.text_rows}")
+        self.cfg = cfg
+        self.base_rows = base_rows
+        dim = cfg.model_dim
+        new_rows = cfg.text_rows - base_rows
+        self.text_embedding = SplitEmbedding(base_rows, new_rows, dim)
+        self.mel_embedding = nn.Embedding(cfg.number_mel_codes, dim)
+        nn.init.normal_(self.mel_embedding.weight, std=0.02)
+        self.gpt = Backbone(dim, cfg.layers, cfg.heads)
+        self.mel_pos_embedding = LearnedPositions(cfg.mel_positions, dim)
+        self.text_pos_embedding = LearnedPositions(cfg.text_positions, dim)
+        self.final_norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.text_head = SplitHead(base_rows, new_rows, dim)
+        self.mel_head = nn.Linear(dim, cfg.number_mel_codes)
+        self.speed_emb = nn.Embedding(2, dim)
+        nn.init.normal_(self.speed_emb.weight, std=0.02)
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns text logits [B, T+2, N+1], text targets, mel logits [B, C+2, M], mel targets."""
+        cfg = self.cfg
+        text_in, text_tgt = aligned_inputs_and_targets(
+            batch.text_ids, batch.text_lengths, cfg.start_text_token, cfg.stop_text_token)
+        mel_in, mel_tgt = aligned_inputs_and_targets(
+            batch.codes, batch.code_lengths, cfg.start_mel_token, cfg.stop_mel_token)
+        n = batch.size
+        speed = self.speed_emb.weight
+        prefix = torch.cat([
+            batch.condition + batch.emo_vec[:, None, :],
+            speed[1].expand(n, 1, -1),  # duration slot
+            speed[0].expand(n, 1, -1),  # free-duration slot
+        ], dim=1)
+        text_emb = self.text_embedding(text_in) + self.text_pos_embedding(text_in.shape[1])
+        mel_emb = self.mel_embedding(mel_in) + self.mel_pos_embedding(mel_in.shape[1])
+        hidden = self.gpt(torch.cat([prefix.to(text_emb.dtype), text_emb, mel_emb], dim=1))
+        hidden = self.final_norm(hidden[:, cfg.prefix_len:])
+        text_logits = self.text_head(hidden[:, : text_in.shape[1]])
+        mel_logits = self.mel_head(hidden[:, text_in.shape[1]:])
+        return text_logits, text_tgt, mel_logits, mel_tgt
+
+    def loss_sums(self, batch: Batch) -> LossSums:
+        """Masked cross-entropy as the community trainers compute it, kept as token-weighted sums."""
+        text_logits, text_tgt, mel_logits, mel_tgt = self(batch)
+        text_mask = valid_mask(text_tgt.shape[1], batch.text_lengths)
+        mel_mask = valid_mask(mel_tgt.shape[1], batch.code_lengths)
+        text_ce = F.cross_entropy(text_logits[text_mask].float(), text_tgt[text_mask], reduction="sum")
+        mel_valid_logits = mel_logits[mel_mask].float()
+        mel_ce = F.cross_entropy(mel_valid_logits, mel_tgt[mel_mask], reduction="sum")
+        mel_correct = (mel_valid_logits.detach().argmax(-1) == mel_tgt[mel_mask]).sum()
+        return LossSums(text_ce, text_mask.sum(), mel_ce, mel_mask.sum(), mel_correct)
+
+
+TRAINING_PATH_PREFIXES = (
+    "text_embedding.", "mel_embedding.", "gpt.", "mel_pos_embedding.", "text_pos_embedding.",
+    "final_norm.", "text_head.", "mel_head.", "speed_emb.",
+)
+SPLIT_KEYS = ("text_embedding.weight", "text_head.weight", "text_head.bias")
+
+
+def is_training_path_key(key: str) -> bool:
+    return key.startswith(TRAINING_PATH_PREFIXES)
+
+
+def upstream_state_dict(model: UnifiedVoiceGPT) -> dict[str, torch.Tensor]:
+    """The model's tensors under upstream's key names, split text rows merged back."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if key.startswith(("text_embedding.", "text_head.")):
+            continue
+        out[key] = value
+    with torch.no_grad():
+        out["text_embedding.weight"] = model.text_embedding.weight.detach().clone()
+        out["text_head.weight"] = model.text_head.weight.detach().clone()
+        out["text_head.bias"] = model.text_head.bias.detach().clone()
+    return out
+
+
+def load_upstream_state_dict(model: UnifiedVoiceGPT, state: dict[str, torch.Tensor]) -> None:
+    """Load upstream-named training-path tensors (text rows already of the model's size) strictly."""
+    base = model.base_rows
+    own = {k: v for k, v in state.items() if k not in SPLIT_KEYS}
+    with torch.no_grad():
+        model.text_embedding.base.copy_(state["text_embedding.weight"][:base])
+        model.text_embedding.new.copy_(state["text_embedding.weight"][base:])
+        model.text_head.base_weight.copy_(state["text_head.weight"][:base])
+        model.text_head.new_weight.copy_(state["text_head.weight"][base:])
+        model.text_head.base_bias.copy_(state["text_head.bias"][:base])
+        model.text_head.new_bias.copy_(state["text_head.bias"][base:])
+    split_names = {k for k in model.state_dict() if k.startswith(("text_embedding.", "text_head."))}
+    missing, unexpected = model.load_state_dict(own, strict=False)
+    missing = [k for k in missing if k not in split_names]
+    if missing or unexpected:
+        raise KeyError(f"state dict does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
