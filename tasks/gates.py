@@ -12,7 +12,12 @@ from tasks.spec import RunSpec
 from tasks.tracking import Tracker
 from trainer.export import export_model, read_export_record
 from trainer.gates import (
-    all_passed, exported_base_rows_identical, finite, first_failure, not_diverging, report_markdown,
+    all_passed,
+    exported_base_rows_identical,
+    finite,
+    first_failure,
+    not_diverging,
+    report_markdown,
     validation_improves,
 )
 from trainer.train import TrainResult

@@ -16,7 +16,12 @@ from pathlib import Path
 import torch
 
 from trainer.checkpoint import (
-    file_sha256, latest_valid_checkpoint, load_checkpoint, prune_checkpoints, rng_state, save_checkpoint,
+    file_sha256,
+    latest_valid_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
     set_rng_state,
 )
 from trainer.config import GPTConfig, load_gpt_config
@@ -263,7 +268,7 @@ def train(tc: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     out = Path(tc.output_dir)
     resume_path = resolve_resume(tc)
     setup = build_model(tc)
-    model, cfg = setup.model, setup.cfg
+    model = setup.model
     if model_base_rows_hash(model) != setup.base_hash:
         raise FidelError(tc.base_checkpoint, "base rows changed while building the model")
     device = resolve_device(tc.device)
@@ -278,6 +283,7 @@ def train(tc: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     batches_per_epoch = len(sampler.epoch_batches(0))
     steps_per_epoch = max(1, batches_per_epoch // tc.grad_accumulation)
     total_steps = tc.max_steps or tc.epochs * steps_per_epoch
+    val_every = tc.val_interval or steps_per_epoch  # 0: once per epoch, as the community trainer
 
     optimizer = torch.optim.AdamW(param_groups(model, tc), betas=(0.9, 0.999), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -367,7 +373,7 @@ def train(tc: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
                     pending.append((step, last_train))
                     window = MetricWindow()
                     hooks.on_progress(step, total_steps, last_train)
-                if step % tc.val_interval == 0 or step == total_steps:
+                if step % val_every == 0 or step == total_steps:
                     validate()
                 if step % tc.save_interval == 0 or step == total_steps or stop.requested:
                     save("signal" if stop.requested else "interval")

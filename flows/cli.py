@@ -1,0 +1,190 @@
+"""The `fidel` command. Heavy imports (torch, Prefect, MLflow) happen inside each subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train directly, no Prefect (community train_gpt_v2.py flags)")
+    p.add_argument("--train-manifest", dest="train_manifests", action="append", required=True,
+                   help="paired JSONL manifest, optionally PATH::lang; repeat for several")
+    p.add_argument("--val-manifest", dest="val_manifests", action="append", required=True)
+    p.add_argument("--tokenizer", default="checkpoints/bpe.model", help="the extended sentencepiece model")
+    p.add_argument("--config", default="checkpoints/config.yaml", help="IndexTTS2 config.yaml of the base")
+    p.add_argument("--base-checkpoint", default="checkpoints/gpt.pth")
+    p.add_argument("--output-dir", default="trained_checkpoints")
+    p.add_argument("--resume", default="", help="a checkpoint path, or 'auto' for the newest valid one")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--grad-accumulation", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--max-steps", type=int, default=0, help="optimizer steps (0: epochs decide)")
+    p.add_argument("--learning-rate", type=float, default=2e-5)
+    p.add_argument("--new-rows-lr", type=float, default=None, help="learning rate of the new text rows")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--text-loss-weight", type=float, default=0.2)
+    p.add_argument("--mel-loss-weight", type=float, default=0.8)
+    p.add_argument("--log-interval", type=int, default=10)
+    p.add_argument("--val-interval", type=int, default=0, help="steps between validations (0: once per epoch)")
+    p.add_argument("--save-every", "--save-interval", dest="save_interval", type=int, default=500)
+    p.add_argument("--keep-checkpoints", dest="keep_last", type=int, default=3)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--amp", nargs="?", const="auto", default="off", choices=["off", "auto", "bf16", "fp16"],
+                   help="mixed precision on CUDA: bf16 where supported, else fp16 with GradScaler")
+    p.add_argument("--init", default="mean", help="new text rows: mean | random")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--freeze-conditioning", action="store_true",
+                   help="accepted for compatibility: fidel never trains the conditioning encoders")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from trainer.train import EXIT_PREEMPTED, TrainConfig, TrainHooks, train
+
+    tc = TrainConfig(
+        train_manifests=args.train_manifests, val_manifests=args.val_manifests, tokenizer=args.tokenizer,
+        config=args.config, output_dir=args.output_dir, base_checkpoint=args.base_checkpoint,
+        resume=args.resume or None, epochs=args.epochs, max_steps=args.max_steps or None,
+        batch_size=args.batch_size, grad_accumulation=args.grad_accumulation, learning_rate=args.learning_rate,
+        new_rows_lr=args.new_rows_lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+        grad_clip=args.grad_clip, text_loss_weight=args.text_loss_weight, mel_loss_weight=args.mel_loss_weight,
+        log_interval=args.log_interval, val_interval=args.val_interval, save_interval=args.save_interval,
+        keep_last=args.keep_last, amp=args.amp, init=args.init, seed=args.seed, num_workers=args.num_workers,
+        device=args.device)
+
+    def show(rows):
+        for step, metrics in rows:
+            print(f"step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+
+    result = train(tc, TrainHooks(on_commit=show))
+    print(f"{result.status} at step {result.step}/{result.total_steps}; checkpoint {result.checkpoint}"
+          + (f" ({result.reason})" if result.reason else ""))
+    if result.status == "preempted":
+        return EXIT_PREEMPTED
+    return 0 if result.status == "completed" else EXIT_FAILED
+
+
+def cmd_run(args) -> int:
+    from flows.finetune import finetune
+
+    summary = finetune(run_config=args.config, show_progress=not args.no_progress)
+    print_summary(summary)
+    return 0
+
+
+def print_summary(summary: dict) -> None:
+    print(f"\nMLflow run {summary['mlflow_run_id']} (experiment {summary['experiment_id']})")
+    for gate in summary["gates"]:
+        print(f"  {'PASS' if gate['passed'] else 'FAIL'} {gate['name']}: {gate['value']}")
+    print(f"exported model: {summary['export_dir']}")
+    print(f"see it: .venv/bin/mlflow ui --backend-store-uri {summary['tracking_uri']} --port 5000, then open "
+          f"http://127.0.0.1:5000/#/experiments/{summary['experiment_id']}/runs/{summary['mlflow_run_id']}")
+
+
+def cmd_triage(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from trainer.triage import triage_path
+
+    decision = triage_path(args.path)
+    if args.json:
+        print(json.dumps(decision.to_dict(), indent=2))
+        return 0
+    table = Table(title=f"triage: {args.path}")
+    for column in ("checkpoint", "kind", "step", "valid", "evidence"):
+        table.add_column(column)
+    for c in decision.candidates:
+        table.add_row(Path(c.path).name, c.kind, str(c.step), "yes" if c.valid else "no", c.detail)
+    console = Console()
+    console.print(table)
+    console.print(f"decision: [bold]{decision.action}[/bold]: {decision.reason}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from trainer.export import export_model
+
+    exported = export_model(args.checkpoint, args.out, fp16=args.fp16)
+    print(json.dumps(exported.record, indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from flows.demo import run_demo
+
+    return run_demo(Path(args.root), fresh=args.fresh, quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fidel", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="build the small Amharic demo corpus and run the whole flow on it")
+    demo.add_argument("--root", default="demo", help="where the corpus, base model and run live")
+    demo.add_argument("--fresh", action="store_true", help="start the fine-tune over in a new run folder")
+    demo.add_argument("--quick", action="store_true", help="a smaller corpus and shorter training (a smoke run)")
+    demo.set_defaults(func=cmd_demo)
+
+    run = sub.add_parser("run", help="run the fine-tune flow from a run.yaml")
+    run.add_argument("--config", required=True, help="the run file (see README)")
+    run.add_argument("--no-progress", action="store_true")
+    run.set_defaults(func=cmd_run)
+
+    add_train_parser(sub)
+
+    triage = sub.add_parser("triage", help="inspect checkpoints: fresh, resume or refuse, with the evidence")
+    triage.add_argument("path", help="a fidel output dir or a checkpoint file")
+    triage.add_argument("--json", action="store_true")
+    triage.set_defaults(func=cmd_triage)
+
+    export = sub.add_parser("export", help="write an upstream-loadable gpt.pth, tokenizer and config")
+    export.add_argument("checkpoint")
+    export.add_argument("--out", required=True)
+    export.add_argument("--fp16", action="store_true")
+    export.set_defaults(func=cmd_export)
+
+    from flows.cli_tokenizer import add_commands
+
+    add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from trainer.errors import FidelError
+
+    try:
+        return args.func(args)
+    except FidelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a failed flow stage ends in one line: the reason
+        from flows.finetune import Preempted
+        from tasks.report import StageFailed
+        from trainer.train import EXIT_PREEMPTED
+
+        if isinstance(exc, Preempted):
+            print(f"preempted: {exc}", file=sys.stderr)
+            return EXIT_PREEMPTED
+        if isinstance(exc, StageFailed):
+            print(f"failed: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        raise
+
+if __name__ == "__main__":
+    sys.exit(main())
