@@ -371,8 +371,8 @@ def check_base_samples(cand_sp, base_sp, samples: list[str]) -> CheckLine:
 
 
 def check_scores(cand: model_pb2.ModelProto, base_size: int) -> CheckLine:
-    """Added NORMAL pieces must carry unigram log-probs: finite, <= 0, not integer BPE ranks, and (being
-    probabilities of a subset of one unigram model) exp-summing to at most about 1."""
+    """Added NORMAL pieces must carry unigram log-probs: finite, <= 0, not integer BPE ranks. Their exp-sum is
+    shown, not judged: sentencepiece's pruned unigram models on small corpora can exceed 1."""
     scores = [p.score for p in cand.pieces[base_size:] if p.type == NORMAL]
     if not scores:
         return CheckLine("new_piece_scores", False, "no new NORMAL pieces", "")
@@ -387,8 +387,6 @@ def check_scores(cand: model_pb2.ModelProto, base_size: int) -> CheckLine:
         problems.append("all scores are integers (BPE merge ranks, not log-probs)")
     finite = [s for s in scores if math.isfinite(s)]
     mass = sum(math.exp(min(s, 50.0)) for s in finite)
-    if mass > 1.01:
-        problems.append(f"probabilities sum to {mass:.3g} > 1")
     value = f"{len(scores)} scores in [{min(finite, default=0):.3g}, {max(finite, default=0):.3g}], exp-sum {mass:.3g}"
     return CheckLine("new_piece_scores", not problems, value, "; ".join(problems))
 

@@ -57,7 +57,7 @@ def triage_output_dir(output_dir: str | Path, lineage: dict | None = None) -> De
     if not valid:
         return Decision("refuse", None, f"{len(candidates)} checkpoint(s) in {folder}, none verifies; "
                                         "move them aside or choose a new output dir", candidates)
-    skipped = [c for c in candidates if not c.valid and (c.step or 0) >= (valid[0].step or 0)]
+    skipped = candidates[:candidates.index(valid[0])]  # newest first: everything before the first valid one
     note = f"; passed over {len(skipped)} newer invalid checkpoint(s)" if skipped else ""
     return Decision("resume", valid[0].path, f"fidel lineage at step {valid[0].step}{note}", candidates)
 

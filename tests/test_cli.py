@@ -1,0 +1,72 @@
+"""The `fidel` command: community train_gpt_v2.py flags, exit codes, triage and export."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+
+FIDEL = [sys.executable, "-m", "flows.cli"]
+
+
+def train_args(project, out, *extra):
+    return ["train", "--train-manifest", str(project.train_manifest), "--val-manifest", str(project.val_manifest),
+            "--tokenizer", str(project.tokenizer), "--config", str(project.base_config),
+            "--base-checkpoint", str(project.base_checkpoint), "--output-dir", str(out), "--epochs", "2",
+            "--batch-size", "8", "--learning-rate", "3e-3", "--text-loss-weight", "0.3", "--mel-loss-weight", "0.7",
+            "--warmup-steps", "2", "--log-interval", "2", "--val-interval", "4", "--save-every", "4", *extra]
+
+
+def test_train_accepts_the_community_flags(tiny_project, tmp_path, capsys):
+    assert main(train_args(tiny_project, tmp_path / "out")) == 0
+    out = capsys.readouterr().out
+    assert "completed at step 12/12" in out and "val_text_loss" in out
+    assert main(train_args(tiny_project, tmp_path / "out", "--resume", "auto", "--epochs", "3")) == 0
+    assert "completed at step 18/18" in capsys.readouterr().out
+
+
+def test_bad_input_is_one_line_naming_the_file(tiny_project, tmp_path, capsys):
+    missing = tmp_path / "absent.yaml"
+    assert main(train_args(tiny_project, tmp_path / "out", "--config", str(missing))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {missing}: config file not found"
+
+
+def test_triage_and_export_commands(tiny_project, tmp_path, capsys):
+    assert main(train_args(tiny_project, tmp_path / "out")) == 0
+    capsys.readouterr()
+    assert main(["triage", str(tmp_path / "out"), "--json"]) == 0
+    decision = json.loads(capsys.readouterr().out)
+    assert decision["action"] == "resume" and decision["checkpoint"].endswith("ckpt-step00000012.pt")
+    assert main(["export", decision["checkpoint"], "--out", str(tmp_path / "export")]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["step"] == 12 and (tmp_path / "export" / "gpt.pth").is_file()
+    assert (tmp_path / "export" / "bpe.model").read_bytes() == Path(tiny_project.tokenizer).read_bytes()
+    assert main(["export", decision["checkpoint"], "--out", str(tmp_path / "export")]) == 2  # never overwrites
+
+
+@pytest.mark.slow
+def test_sigterm_saves_within_seconds_and_exits_75(tiny_project, tmp_path):
+    args = train_args(tiny_project, tmp_path / "out", "--epochs", "400", "--save-every", "1000")
+    proc = subprocess.Popen(FIDEL + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=Path(__file__).resolve().parents[1], env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 60
+    for line in proc.stdout:
+        if line.startswith("step ") or time.monotonic() > deadline:
+            break
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 75, output
+    assert time.monotonic() - sent < 10
+    assert "preempted" in output
+    from trainer.triage import triage_output_dir
+
+    decision = triage_output_dir(tmp_path / "out")
+    assert decision.action == "resume" and f"saved at step {decision.candidates[0].step}" in output

@@ -1,0 +1,74 @@
+"""The five-stage fine-tune flow end to end on the tiny project, with a throwaway MLflow store."""
+
+import os
+import signal
+
+import pytest
+from mlflow import MlflowClient
+
+from flows.finetune import Preempted, finetune
+from tasks.report import StageFailed
+
+pytestmark = pytest.mark.slow
+
+
+def settings(project, output_dir, mlflow_uri, **train):
+    return {
+        "train_manifests": [str(project.train_manifest)], "val_manifests": [str(project.val_manifest)],
+        "tokenizer": str(project.tokenizer), "base_tokenizer": str(project.base_tokenizer),
+        "config": str(project.base_config), "base_checkpoint": str(project.base_checkpoint),
+        "output_dir": str(output_dir), "tracking_uri": mlflow_uri,
+        "train": {"max_steps": 30, "batch_size": 8, "learning_rate": 3e-3, "warmup_steps": 5, "log_interval": 5,
+                  "val_interval": 10, "save_interval": 10, **train},
+    }
+
+
+def test_flow_runs_all_stages_and_tracks_them(tiny_project, tmp_path, mlflow_uri):
+    summary = finetune(settings=settings(tiny_project, tmp_path / "run", mlflow_uri))
+    assert summary["status"] == "completed" and summary["step"] == 30
+    assert all(g["passed"] for g in summary["gates"])
+    for stage in ("data-train", "data-val", "tokenizer", "triage", "gates"):
+        assert (tmp_path / "run" / "reports" / f"{stage}.md").is_file()
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["gates"] == "PASS" and run.data.tags["triage.decision"] == "fresh"
+    curve = client.get_metric_history(run.info.run_id, "val_mel_loss")
+    assert [m.step for m in curve] == [0, 10, 20, 30]
+    assert curve[-1].value < curve[0].value
+    assert client.get_metric_history(run.info.run_id, "train_text_loss")[-1].step == 30
+
+
+def test_preempted_flow_resumes_into_the_same_run(tiny_project, tmp_path, mlflow_uri, monkeypatch):
+    import trainer.train as train_module
+
+    original, calls = train_module.optimizer_step, []
+
+    def step_then_preempt(*args):
+        calls.append(1)
+        if len(calls) == 12:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args)
+
+    monkeypatch.setattr(train_module, "optimizer_step", step_then_preempt)
+    run_settings = settings(tiny_project, tmp_path / "run", mlflow_uri)
+    with pytest.raises(Preempted, match="step 12"):
+        finetune(settings=run_settings)
+    monkeypatch.setattr(train_module, "optimizer_step", original)
+    summary = finetune(settings=run_settings)
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("fidel").experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_id == summary["mlflow_run_id"]
+    assert runs[0].data.tags["triage.decision"] == "resume"
+    steps = [m.step for m in client.get_metric_history(summary["mlflow_run_id"], "train_mel_loss")]
+    assert steps == sorted(set(steps)) and steps[-1] == 30
+
+
+def test_a_failed_stage_stops_the_flow_with_its_reason(tiny_project, tmp_path, mlflow_uri):
+    run_settings = settings(tiny_project, tmp_path / "run", mlflow_uri)
+    run_settings["tokenizer"] = str(tiny_project.base_tokenizer)  # Amharic is all <unk> in the base tokenizer
+    with pytest.raises(StageFailed, match="data checks"):
+        finetune(settings=run_settings)
+    client = MlflowClient(mlflow_uri)
+    run = client.search_runs([client.get_experiment_by_name("fidel").experiment_id])[0]
+    assert run.info.status == "FAILED" and "data checks" in run.data.tags["failed.reason"]
