@@ -41,15 +41,38 @@ def add_train_parser(sub) -> None:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--amp", nargs="?", const="auto", default="off", choices=["off", "auto", "bf16", "fp16"],
                    help="mixed precision on CUDA: bf16 where supported, else fp16 with GradScaler")
-    p.add_argument("--init", default="mean", help="new text rows: mean | random")
+    p.add_argument("--init", default="mean", choices=["mean", "subtoken", "random"],
+                   help="new text rows: base mean, mean of transliterated base sub-tokens, or random (community)")
+    p.add_argument("--freeze", default="split", choices=["split", "hooks"],
+                   help="split: base rows are frozen buffers (default); hooks: the community trainers' gradient "
+                        "hooks, for comparison only (weight decay moves base rows)")
+    p.add_argument("--duration-control", action="store_true",
+                   help="train the duration slot on the target code length (speed_emb(0) with p=0.3)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--device", default="auto")
     p.add_argument("--freeze-conditioning", action="store_true",
                    help="accepted for compatibility: fidel never trains the conditioning encoders")
+    p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) on this machine, via torchrun and DDP")
+    p.add_argument("--save-minutes", type=float, default=0.0, help="also save every this many minutes (0: off)")
     p.set_defaults(func=cmd_train)
 
 
+def without_option(argv: list[str], name: str) -> list[str]:
+    """argv minus `name VALUE` and `name=VALUE`."""
+    out, skip = [], False
+    for arg in argv:
+        if skip or arg == name or arg.startswith(f"{name}="):
+            skip = arg == name
+            continue
+        out.append(arg)
+    return out
+
+
 def cmd_train(args) -> int:
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from trainer.distributed import launch_torchrun
+
+        return launch_torchrun(args.nproc, without_option(args.argv, "--nproc"))
     from trainer.train import EXIT_PREEMPTED, TrainConfig, TrainHooks, train
 
     tc = TrainConfig(
@@ -60,14 +83,24 @@ def cmd_train(args) -> int:
         new_rows_lr=args.new_rows_lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
         grad_clip=args.grad_clip, text_loss_weight=args.text_loss_weight, mel_loss_weight=args.mel_loss_weight,
         log_interval=args.log_interval, val_interval=args.val_interval, save_interval=args.save_interval,
-        keep_last=args.keep_last, amp=args.amp, init=args.init, seed=args.seed, num_workers=args.num_workers,
-        device=args.device)
+        keep_last=args.keep_last, save_minutes=args.save_minutes, amp=args.amp, init=args.init, seed=args.seed, num_workers=args.num_workers,
+        device=args.device, freeze=args.freeze, duration_control=args.duration_control)
 
-    def show(rows):
+    def line(metrics: dict) -> str:
+        return " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+
+    def show_validation(rows):
         for step, metrics in rows:
-            print(f"step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+            if any(k.startswith("val_") for k in metrics):
+                print(f"validation at step {step}: {line(metrics)}", flush=True)
 
-    result = train(tc, TrainHooks(on_commit=show))
+    hooks = TrainHooks(
+        on_progress=lambda step, total, metrics: print(f"step {step}/{total}: {line(metrics)}", flush=True),
+        on_commit=show_validation,
+        on_checkpoint=lambda path, sidecar: print(f"saved {path} (step {sidecar['step']})", flush=True))
+    result = train(tc, hooks)
+    if os.environ.get("RANK", "0") != "0":
+        return 0 if result.status == "completed" else EXIT_PREEMPTED if result.status == "preempted" else EXIT_FAILED
     print(f"{result.status} at step {result.step}/{result.total_steps}; checkpoint {result.checkpoint}"
           + (f" ({result.reason})" if result.reason else ""))
     if result.status == "preempted":
@@ -79,6 +112,11 @@ def cmd_run(args) -> int:
     from flows.finetune import finetune
 
     summary = finetune(run_config=args.config, show_progress=not args.no_progress)
+    if summary["status"] == "already_running":
+        print(summary["message"])
+        return 0
+    if summary["status"] == "already_finished":
+        print(f"lineage in {summary['output_dir']} already finished: nothing to do")
     print_summary(summary)
     return 0
 
@@ -116,7 +154,7 @@ def cmd_triage(args) -> int:
 def cmd_export(args) -> int:
     from trainer.export import export_model
 
-    exported = export_model(args.checkpoint, args.out, fp16=args.fp16)
+    exported = export_model(args.checkpoint, args.out, fp16=args.fp16, base_checkpoint=args.base_checkpoint)
     print(json.dumps(exported.record, indent=2))
     return 0
 
@@ -124,7 +162,7 @@ def cmd_export(args) -> int:
 def cmd_demo(args) -> int:
     from flows.demo import run_demo
 
-    return run_demo(Path(args.root), fresh=args.fresh, quick=args.quick)
+    return run_demo(Path(args.root), run_name=args.run_name, quick=args.quick)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="build the small Amharic demo corpus and run the whole flow on it")
     demo.add_argument("--root", default="demo", help="where the corpus, base model and run live")
-    demo.add_argument("--fresh", action="store_true", help="start the fine-tune over in a new run folder")
+    demo.add_argument("--run-name", default="finetune",
+                      help="the fine-tune's folder under ROOT/runs; a new name starts a new lineage")
     demo.add_argument("--quick", action="store_true", help="a smaller corpus and shorter training (a smoke run)")
     demo.set_defaults(func=cmd_demo)
 
@@ -152,17 +191,24 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write an upstream-loadable gpt.pth, tokenizer and config")
     export.add_argument("checkpoint")
     export.add_argument("--out", required=True)
-    export.add_argument("--fp16", action="store_true")
+    export.add_argument("--fp16", action="store_true", help="write float16 tensors (half the size)")
+    export.add_argument("--base-checkpoint", default=None,
+                        help="the base gpt.pth, if it moved since training (its base rows must hash the same)")
     export.set_defaults(func=cmd_export)
 
     from flows.cli_tokenizer import add_commands
 
     add_commands(sub)
+    from flows.cli_data import add_commands as add_data_commands
+
+    add_data_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     from trainer.errors import FidelError
 
     try:

@@ -163,24 +163,17 @@ def demo(root: str = "demo", quick: bool = False, run_name: str = "finetune") ->
     return {**summary, "timings": timings}
 
 
-def next_run_name(root: Path) -> str:
-    runs = root / "runs"
-    taken = {p.name for p in runs.iterdir()} if runs.is_dir() else set()
-    n = 2
-    while f"finetune-{n}" in taken:
-        n += 1
-    return f"finetune-{n}"
-
-
-def run_demo(root: Path, fresh: bool = False, quick: bool = False) -> int:
+def run_demo(root: Path, run_name: str = "finetune", quick: bool = False) -> int:
     from flows.cli import print_summary
 
-    run_name = next_run_name(root) if fresh else "finetune"
     try:
         summary = demo(str(root), quick=quick, run_name=run_name)
     except Preempted as exc:
         print(f"\n[demo] interrupted: {exc}\n[demo] run the same command again to resume where it stopped.")
         return EXIT_PREEMPTED
+    if summary["status"] == "already_running":
+        print(f"[demo] {summary['message']}")
+        return 0
     print("\n[demo] wall time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in summary["timings"].items()))
     last = summary["val_history"][-1]
     print(f"[demo] final validation: text loss {last['val_text_loss']:.3f}, mel loss {last['val_mel_loss']:.3f}")

@@ -1,19 +1,30 @@
 """The fine-tune flow: data checks → tokenizer verification → checkpoint triage → training → gates.
 
-Idempotent by design: a scheduled deployment re-runs it, and it resumes from the newest valid checkpoint.
+Idempotent, so a scheduled deployment can re-run it at any time (design.md §7):
+- an OS file lock on the output dir: a second run exits Completed at once, "already running (pid, host)";
+- a finished lineage (export present, gates passed) is a no-op;
+- otherwise it triages the checkpoints and resumes, counting resumes so that a crash loop stops.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+import time
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, get_run_logger
+from prefect.runtime import deployment, flow_run
+from prefect.states import Completed
 
 from tasks.data import data_checks
-from tasks.gates import evaluation_gates
-from tasks.spec import load_run_spec, run_spec_from_dict
+from tasks.gates import GatesFailed, evaluation_gates
+from tasks.lineage import Attempt, CrashLoop, read_finished, record_attempt, started, write_finished
+from tasks.lock import AlreadyRunning, OutputDirLock
+from tasks.spec import RunSpec, load_run_spec, run_spec_from_dict
+from tasks.stale_runs import claim_and_sweep
 from tasks.tokenizer import tokenizer_verification
-from tasks.tracking import open_run
+from tasks.tracking import git_commit, open_run, start_system_metrics
 from tasks.train import training
 from tasks.triage import checkpoint_triage
 
@@ -23,12 +34,67 @@ class Preempted(Exception):
 
 
 @flow(name="fidel-finetune")
-def finetune(run_config: str | None = None, settings: dict | None = None, show_progress: bool = False) -> dict:
+def finetune(run_config: str | None = None, settings: dict | None = None, show_progress: bool = False,
+             resume: str | None = None, max_resume_attempts: int = 3, resume_window_minutes: float = 60.0):
+    """resume: None keeps the run file's setting; "auto" continues from the newest valid checkpoint (fresh when
+    there is none); a path resumes that checkpoint. More than max_resume_attempts resumes within
+    resume_window_minutes is a crash loop: the run fails instead of resuming again."""
     spec = load_run_spec(run_config) if run_config else run_spec_from_dict(settings or {}, Path.cwd() / "run.yaml")
-    Path(spec.output_dir).mkdir(parents=True, exist_ok=True)
+    if resume is not None:
+        spec.resume = resume
+    run_id = flow_run.id
+    try:
+        lock = OutputDirLock(spec.output_dir, run_id).acquire()
+    except AlreadyRunning as busy:
+        get_run_logger().info("%s; nothing to do", busy)
+        holder = vars(busy.holder) if busy.holder else None
+        return Completed(message=f"already running ({busy.holder.describe() if busy.holder else 'holder unknown'})",
+                         data={"status": "already_running", "output_dir": spec.output_dir, "holder": holder,
+                               "message": str(busy)})
+    try:
+        return run_lineage(spec, lock, run_id, show_progress, max_resume_attempts, resume_window_minutes)
+    finally:
+        lock.release()
+
+
+def run_lineage(spec: RunSpec, lock: OutputDirLock, run_id: str | None, show_progress: bool,
+                max_resume_attempts: int, resume_window_minutes: float):
+    log = get_run_logger()
+    output_dir = Path(spec.output_dir)
+    try:
+        crashed = claim_and_sweep(lock, output_dir, run_id)
+    except Exception as exc:  # bookkeeping on the server must not stop the training
+        log.warning("could not mark stale flow runs of this output dir: %s", exc)
+        crashed = []
+    if crashed:
+        log.info("marked %d stale Running flow run(s) of this output dir Crashed: %s", len(crashed), ", ".join(crashed))
+    finished = read_finished(output_dir)
+    if finished and finished["status"] == "completed":
+        message = f"lineage already finished at step {finished['summary']['step']}: nothing to do"
+        log.info(message)
+        return Completed(message=message, data={**finished["summary"], "status": "already_finished"})
+    if finished:
+        raise GatesFailed(f"lineage already finished with a failed gate ({finished['reason']}); "
+                          "start a new output_dir to train again")
+    resuming = started(output_dir)
     tracker = open_run(spec.output_dir, spec.tracking_uri, spec.experiment, spec.run_name)
+    resume_count = 0
+    if resuming:
+        try:
+            resume_count = record_attempt(output_dir, Attempt(time.time(), run_id, os.getpid(), socket.gethostname()),
+                                          max_resume_attempts, resume_window_minutes)
+        except CrashLoop as exc:
+            tracker.set_tags({"status": "crash_loop", "failed.reason": str(exc)[:4000]})
+            tracker.finish("FAILED")
+            raise
+    commit = git_commit()
+    tracker.set_tags({"resume.count": resume_count, "git.commit": commit, "mlflow.source.git.commit": commit,
+                      "output_dir": str(output_dir), "prefect.flow_run_id": run_id or "none",
+                      "prefect.deployment": deployment.name or "none", "status": "running"})
+    monitor = start_system_metrics(tracker)
     try:
         data = data_checks(spec, tracker)
+        tracker.set_tags({"data.sha256": data["content_sha256"]})  # rows' hash: the .arrow cache never changes it
         tokenizer_verification(spec, data["texts"], tracker)
         decision = checkpoint_triage(spec, tracker)
         result = training(spec, data["data_dir"], decision, tracker, show_progress)
@@ -36,16 +102,25 @@ def finetune(run_config: str | None = None, settings: dict | None = None, show_p
             raise Preempted(f"preempted at step {result.step}/{result.total_steps}, resumable: {result.reason}")
         gates = evaluation_gates(spec, result, tracker)
     except Preempted:
+        monitor.finish()
         tracker.set_tags({"status": "preempted"})
         tracker.finish("KILLED")
         raise
     except Exception as exc:
+        monitor.finish()
         tracker.set_tags({"status": "failed", "failed.reason": str(exc)[:4000]})
         tracker.finish("FAILED")
+        if isinstance(exc, GatesFailed):
+            export_dir = tracker.tags().get("export.dir", "")
+            write_finished(output_dir, {"status": "gates_failed", "reason": str(exc), "export_dir": export_dir})
         raise
+    monitor.finish()
+    summary = {"status": "completed", "mlflow_run_id": tracker.run_id, "experiment_id": tracker.experiment_id,
+               "tracking_uri": spec.tracking_uri, "output_dir": spec.output_dir, "step": result.step,
+               "resume_count": resume_count, "val_history": result.val_history, "last_train": result.last_train,
+               **gates}
     tracker.set_tags({"status": "completed"})
     tracker.finish("FINISHED")
-    return {"status": "completed", "mlflow_run_id": tracker.run_id, "experiment_id": tracker.experiment_id,
-            "tracking_uri": spec.tracking_uri, "output_dir": spec.output_dir, "step": result.step,
-            "val_history": result.val_history, "last_train": result.last_train, **gates}
-
+    write_finished(output_dir, {"status": "completed", "export_dir": gates["export_dir"], "summary": summary,
+                                "finished_at": time.time()})
+    return summary

@@ -1,4 +1,4 @@
-"""Stage 1: data checks on the paired manifests."""
+"""Stage 1: every data check, then the Parquet dataset training reads (output_dir/data)."""
 
 from __future__ import annotations
 
@@ -10,28 +10,59 @@ from prefect.cache_policies import NO_CACHE
 from tasks.report import StageFailed, logger, publish
 from tasks.spec import RunSpec
 from tasks.tracking import Tracker
-from trainer.config import load_gpt_config
-from trainer.datacheck import check_manifests, write_clean_manifest
-from trainer.tokenizer import encode, load_tokenizer
+from trainer.datacheck import CheckSettings, write_report_files
+from trainer.parquet_data import (
+    DATASET_JSON,
+    ParquetPairs,
+    build_dataset,
+    input_fingerprint,
+    read_dataset_info,
+)
+
+
+def reusable_build(data_dir: Path, fingerprint: str) -> dict | None:
+    """dataset.json of an earlier build from the same manifests, tokenizer, config and settings (a resume)."""
+    info = read_dataset_info(data_dir)
+    if info is None or info.get("fingerprint") != fingerprint:
+        return None
+    if not all(Path(record["path"]).is_file() for record in info["splits"].values()):
+        return None
+    return info
 
 
 @task(name="data-checks", cache_policy=NO_CACHE)
 def data_checks(spec: RunSpec, tracker: Tracker | None) -> dict:
-    sp = load_tokenizer(spec.tokenizer)
-    cfg = load_gpt_config(spec.config).with_text_tokens(sp.get_piece_size())
-    data_dir = Path(spec.output_dir) / "data"
-    summary = {}
-    texts = []
-    for split, manifests in (("train", spec.train_manifests), ("val", spec.val_manifests)):
-        report, kept = check_manifests(manifests, cfg, lambda t: encode(sp, t), spec.max_bad_rows,
-                                       spec.min_script_share)
-        publish(f"data-{split}", report.to_markdown(), report.to_dict(), spec.output_dir, tracker)
-        logger().info("%s: %d of %d pairs kept, %d problems", split, report.kept, report.pairs, len(report.problems))
-        if report.fatal:
-            raise StageFailed(f"data checks ({split}): {report.fatal}")
-        write_clean_manifest(kept, data_dir / f"{split}.checked.jsonl")
-        summary[split] = {"pairs": report.pairs, "kept": report.kept, "speakers": report.speakers}
-        texts += [p.text for p in kept]
+    log = logger()
+    output_dir = Path(spec.output_dir)
+    data_dir = output_dir / "data"
+    splits = {"train": list(spec.train_manifests), "val": list(spec.val_manifests)}
+    settings = CheckSettings(max_bad_rows=spec.max_bad_rows, min_script_share=spec.min_script_share)
+    info = reusable_build(data_dir, input_fingerprint(splits, spec.tokenizer, spec.config, settings))
+    if info is not None:
+        log.info("data unchanged since the build in %s (content %s): reusing it", data_dir, info["content_sha256"][:16])
+    else:
+        report, info = build_dataset(splits, spec.tokenizer, spec.config, data_dir, settings)
+        written = write_report_files(report, output_dir / "reports", markdown=False)
+        publish("data", report.to_markdown(), report.to_dict(), output_dir, tracker)
+        if tracker is not None:
+            for path in written:
+                tracker.log_artifact(path, "reports")
+        for line in report.summary_lines():
+            log.info(line)
+        for finding in report.findings[:10]:
+            log.info(finding.text())
+        if info is None:
+            if tracker is not None:
+                tracker.set_tags({"data.checks": "FAIL"})
+            raise StageFailed(f"data checks: {'; '.join(report.fatal)}")
+        if tracker is not None:
+            tracker.log_artifact(data_dir / DATASET_JSON, "data")
+    splits_info = info["report"]["splits"]
+    summary = {name: {"pairs": s["pairs"], "kept": s["kept"], "speakers": s["speakers"]} for name, s in
+               splits_info.items()}
     if tracker is not None:
-        tracker.set_tags({f"data.{s}.{k}": v for s, d in summary.items() for k, v in d.items()})
-    return {"data_dir": str(data_dir), "summary": summary, "texts": texts}
+        tracker.set_tags({"data.checks": "PASS", **{f"data.{s}.{k}": v for s, d in summary.items() for k, v in d.items()}})
+        tracker.log_params({"data": {"content_sha256": info["content_sha256"], "fingerprint": info["fingerprint"],
+                                     "cond_dtype": info["cond_dtype"]}})
+    texts = [t for record in info["splits"].values() for t in ParquetPairs([record["path"]]).column("text")]
+    return {"data_dir": str(data_dir), "summary": summary, "texts": texts, "content_sha256": info["content_sha256"]}

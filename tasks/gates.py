@@ -1,7 +1,11 @@
-"""Stage 5: export the model, then the evaluation gates that stop a run which isn't learning."""
+"""Stage 5: export the model, then the evaluation gates that stop a run which isn't learning.
+
+When every gate passes, the export is logged once to the lineage's MLflow run and registered as `fidel-<lang>`
+with the alias `candidate`. Checkpoints stay where they are; the run references them by path."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from prefect import task
@@ -9,7 +13,8 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.report import StageFailed, logger, publish
 from tasks.spec import RunSpec
-from tasks.tracking import Tracker
+from tasks.tracking import CANDIDATE_ALIAS, Tracker, log_export_once, register_export
+from trainer.data import read_manifests
 from trainer.export import export_model, read_export_record
 from trainer.gates import (
     all_passed,
@@ -21,6 +26,16 @@ from trainer.gates import (
     validation_improves,
 )
 from trainer.train import TrainResult
+
+
+class GatesFailed(StageFailed):
+    """The lineage trained to its end but a gate failed: it is finished, and not a candidate."""
+
+
+def lineage_language(spec: RunSpec) -> str:
+    """The target language: the commonest one of the train pairs (a `PATH::lang` suffix or the records' field)."""
+    counts = Counter(pair.language for pair in read_manifests(spec.train_manifests) if pair.language)
+    return counts.most_common(1)[0][0] if counts else "xx"
 
 
 @task(name="evaluation-gates", cache_policy=NO_CACHE)
@@ -44,11 +59,47 @@ def evaluation_gates(spec: RunSpec, result: TrainResult, tracker: Tracker | None
             spec.output_dir, tracker)
     for r in results:
         logger().info(r.line())
+    passed = all_passed(results)
     if tracker is not None:
         tracker.set_tags({f"gate.{r.name}": "PASS" if r.passed else "FAIL" for r in results})
-        tracker.set_tags({"gates": "PASS" if all_passed(results) else "FAIL", "export.dir": str(export_dir)})
-    if not all_passed(results):
-        raise StageFailed(first_failure(results))
+        tracker.set_tags({"gates": "PASS" if passed else "FAIL", "export.dir": str(export_dir),
+                          "export.gpt_sha256": exported["gpt_sha256"]})
+    if not passed:
+        reason = first_failure(results)
+        if tracker is not None:
+            tracker.set_tags({"gates.failed": reason})
+        raise GatesFailed(reason)
+    registered = None
     if tracker is not None:
-        tracker.log_artifact(export_dir, "export")
-    return {"gates": [r.to_dict() for r in results], "export_dir": str(export_dir), "export": exported}
+        log_export_once(tracker, export_dir)
+        name = f"fidel-{lineage_language(spec)}"
+        version = register_export(tracker, name)
+        registered = {"name": name, "version": version, "alias": CANDIDATE_ALIAS}
+        tracker.set_tags({"registered_model": f"{name} v{version} @{CANDIDATE_ALIAS}"})
+        logger().info("registered %s version %s with alias %s", name, version, CANDIDATE_ALIAS)
+    return {"gates": [r.to_dict() for r in results], "export_dir": str(export_dir), "export": exported,
+            "registered_model": registered}
+
+
+def gate_tagger(tracker: Tracker | None):
+    """An on_results callback for trainer.gates.validation_hook: each gate's result, and the first failure,
+    tagged on the lineage's MLflow run."""
+
+    def on_results(step: int, results: list) -> None:
+        try:
+            log = logger()
+        except Exception:  # noqa: BLE001 - outside a Prefect run (the CLI's experimental resume)
+            import logging
+
+            log = logging.getLogger("fidel.gates")
+        for r in results:
+            log.info("step %d: %s", step, r.line())
+        if tracker is None:
+            return
+        tags = {f"gate.{r.name}": "PASS" if r.passed else "FAIL" for r in results}
+        reason = first_failure(results)
+        if reason:
+            tags.update({"gates": "FAIL", "gates.failed": f"step {step}: {reason}"})
+        tracker.set_tags(tags)
+
+    return on_results

@@ -35,9 +35,9 @@ class RunSpec:
     run_name: str | None = None
 
     def train_config(self, data_dir: Path | None = None, mlflow_run_id: str | None = None) -> TrainConfig:
-        """Training reads the checked manifests the data stage wrote when given its folder."""
-        train = [str(data_dir / "train.checked.jsonl")] if data_dir else self.train_manifests
-        val = [str(data_dir / "val.checked.jsonl")] if data_dir else self.val_manifests
+        """Training reads the Parquet dataset the data stage built when given its folder."""
+        train = [str(data_dir / "train.parquet")] if data_dir else self.train_manifests
+        val = [str(data_dir / "val.parquet")] if data_dir else self.val_manifests
         return TrainConfig(train_manifests=train, val_manifests=val, tokenizer=self.tokenizer, config=self.config,
                            output_dir=self.output_dir, base_checkpoint=self.base_checkpoint, resume=self.resume,
                            mlflow_run_id=mlflow_run_id, **self.train)

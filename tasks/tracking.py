@@ -2,20 +2,26 @@
 
 The store is embedded: `sqlite:///mlruns/mlflow.db`, artifacts under `mlruns/artifacts`. MLflow 3.13+
 refuses a plain ./mlruns file store, and a stray MLFLOW_RUN_ID in the environment would silently turn a
-new run into a resume, so it is removed.
+new run into a resume, so it is removed. Everything logs through MlflowClient with explicit run ids.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer.checkpoint import list_checkpoints, read_sidecar
+from trainer.errors import FidelError
+
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 DEFAULT_EXPERIMENT = "fidel"
 RUN_FILE = "mlflow_run.json"
+CANDIDATE_ALIAS = "candidate"
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the UI's model-training layout
 
 
 def artifact_root_for(tracking_uri: str) -> str:
@@ -47,6 +53,7 @@ class Tracker:
         return MlflowClient(self.tracking_uri)
 
     def log_params(self, params: dict) -> None:
+        """Params are logged once per lineage: keys the run already has are left as they are."""
         from mlflow.entities import Param
 
         existing = self.client.get_run(self.run_id).data.params
@@ -59,14 +66,17 @@ class Tracker:
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
 
-    def log_metric_rows(self, rows: list[tuple[int, dict]]) -> None:
-        from mlflow.entities import Metric
+    def tags(self) -> dict:
+        return self.client.get_run(self.run_id).data.tags
 
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, step) for step, values in rows for k, v in values.items()
-                   if isinstance(v, int | float)]
-        for i in range(0, len(metrics), 900):
-            self.client.log_batch(self.run_id, metrics=metrics[i:i + 900])
+    def logged_steps(self) -> dict[str, int]:
+        """The highest step logged so far for each metric."""
+        client = self.client
+        keys = client.get_run(self.run_id).data.metrics
+        return {k: max(m.step for m in client.get_metric_history(self.run_id, k)) for k in keys}
+
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        return sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, key))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
@@ -74,6 +84,9 @@ class Tracker:
             self.client.log_artifacts(self.run_id, str(path), artifact_path)
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def has_artifact(self, artifact_path: str) -> bool:
+        return bool(self.client.list_artifacts(self.run_id, artifact_path))
 
     def log_text(self, text: str, name: str) -> None:
         self.client.log_text(self.run_id, text, name)
@@ -83,6 +96,53 @@ class Tracker:
 
     def url(self) -> str:
         return f"http://127.0.0.1:5000/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+
+
+class MetricLog:
+    """Commits metric rows to the run, never logging a (metric, step) that the run already holds.
+
+    The trainer commits rows only with the checkpoint that contains them, so a resume does not repeat steps;
+    this guard also covers the paths around it (rows committed on failure, a resume from an older checkpoint)."""
+
+    def __init__(self, tracker: Tracker):
+        self.tracker = tracker
+        self.last = tracker.logged_steps()
+
+    def high_water(self, prefixes: tuple[str, ...] = ("train_", "val_")) -> int | None:
+        steps = [s for k, s in self.last.items() if k.startswith(prefixes)]
+        return max(steps) if steps else None
+
+    def commit(self, rows: list[tuple[int, dict]]) -> int:
+        """Log the rows' numeric values; returns how many (metric, step) points were skipped as already logged."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics, skipped = [], 0
+        for step, values in rows:
+            for key, value in values.items():
+                if not isinstance(value, int | float) or isinstance(value, bool):
+                    continue
+                if step <= self.last.get(key, -1):
+                    skipped += 1
+                    continue
+                metrics.append(Metric(key, float(value), now, step))
+                self.last[key] = step
+        for i in range(0, len(metrics), 900):
+            self.tracker.client.log_batch(self.tracker.run_id, metrics=metrics[i:i + 900])
+        return skipped
+
+
+def start_system_metrics(tracker: Tracker, interval_s: float = 10.0):
+    """CPU, memory, disk, network (psutil) and GPU (pynvml, where installed) as system/* metrics.
+
+    resume_logging continues the step count after the run's last system step, so a resume adds no duplicates.
+    MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides the interval. Returns the monitor; call .finish()."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(tracker.run_id, sampling_interval=interval_s, resume_logging=True,
+                                   tracking_uri=tracker.tracking_uri)
+    monitor.start()
+    return monitor
 
 
 def flatten(values: dict, prefix: str = "") -> dict:
@@ -96,25 +156,92 @@ def flatten(values: dict, prefix: str = "") -> dict:
     return out
 
 
+def run_id_from_checkpoints(output_dir: Path) -> str | None:
+    """The lineage's run id as its newest checkpoint recorded it (when mlflow_run.json was lost)."""
+    for path in list_checkpoints(output_dir):
+        try:
+            run_id = read_sidecar(path).get("mlflow_run_id")
+        except FidelError:
+            continue
+        if run_id:
+            return run_id
+    return None
+
+
 def open_run(output_dir: str | Path, tracking_uri: str = DEFAULT_TRACKING_URI,
              experiment: str = DEFAULT_EXPERIMENT, run_name: str | None = None) -> Tracker:
-    """The lineage's run: reopened from output_dir/mlflow_run.json when it exists, else created and recorded."""
+    """The lineage's run: reopened from output_dir/mlflow_run.json (or its checkpoints' sidecars), else created."""
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     os.environ.pop("MLFLOW_RUN_ID", None)
     ensure_store(tracking_uri)
     client = MlflowClient(tracking_uri)
-    record = Path(output_dir) / RUN_FILE
-    if record.is_file():
-        saved = json.loads(record.read_text())
-        run = client.get_run(saved["run_id"])
+    output_dir = Path(output_dir)
+    record = output_dir / RUN_FILE
+    run_id = json.loads(record.read_text())["run_id"] if record.is_file() else run_id_from_checkpoints(output_dir)
+    if run_id:
+        try:
+            run = client.get_run(run_id)
+        except MlflowException as exc:
+            raise FidelError(record, f"MLflow run {run_id} of this lineage is not in {tracking_uri} "
+                                     "(tracking_uri changed?)") from exc
         if run.info.status != "RUNNING":
-            client.update_run(saved["run_id"], status="RUNNING")
-        return Tracker(tracking_uri, saved["run_id"], run.info.experiment_id, resumed=True)
+            client.update_run(run_id, status="RUNNING")
+        if not record.is_file():
+            write_run_record(record, run_id, run.info.experiment_id, tracking_uri)
+        return Tracker(tracking_uri, run_id, run.info.experiment_id, resumed=True)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_root_for(
         tracking_uri))
-    run = client.create_run(exp_id, run_name=run_name or Path(output_dir).name)
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"run_id": run.info.run_id, "experiment_id": exp_id, "tracking_uri": tracking_uri}))
+    if EXPERIMENT_KIND[0] not in (exp.tags if exp else {}):
+        client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
+    run = client.create_run(exp_id, run_name=run_name or output_dir.name)
+    write_run_record(record, run.info.run_id, exp_id, tracking_uri)
     return Tracker(tracking_uri, run.info.run_id, exp_id, resumed=False)
+
+
+def write_run_record(record: Path, run_id: str, experiment_id: str, tracking_uri: str) -> None:
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": tracking_uri}))
+
+
+def log_export_once(tracker: Tracker, export_dir: Path, artifact_path: str = "export") -> None:
+    """The exported model is logged once per lineage: a re-run after a crash finds it and skips it."""
+    if not tracker.has_artifact(f"{artifact_path}/export.json"):
+        tracker.log_artifact(export_dir, artifact_path)
+
+
+def register_export(tracker: Tracker, name: str, alias: str = CANDIDATE_ALIAS,
+                    artifact_path: str = "export") -> str:
+    """Register the run's logged export as a version of `name` (once per run) and point `alias` at it."""
+    from mlflow.exceptions import MlflowException
+
+    client = tracker.client
+    try:
+        client.create_registered_model(name, description="fidel fine-tunes (upstream gpt.pth, bpe.model, config)")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    versions = client.search_model_versions(f"name='{name}' and run_id='{tracker.run_id}'")
+    if versions:
+        version = str(max(int(v.version) for v in versions))
+    else:
+        source = f"{client.get_run(tracker.run_id).info.artifact_uri}/{artifact_path}"
+        version = str(client.create_model_version(name, source, run_id=tracker.run_id).version)
+    client.set_registered_model_alias(name, alias, version)
+    return version
+
+
+def git_commit(folder: Path | None = None) -> str:
+    """The fidel source commit (with '-dirty' for uncommitted changes), or 'unknown' outside a git checkout."""
+    folder = folder or Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
+

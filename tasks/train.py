@@ -1,30 +1,46 @@
-"""Stage 4: fresh-or-resume training, metrics committed to MLflow with each checkpoint."""
+"""Stage 4: fresh-or-resume training, metrics committed to MLflow with each checkpoint, progress to Prefect."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
-from tasks.report import StageFailed, logger
+from tasks.report import StageFailed, logger, publish_loss_curves
 from tasks.spec import RunSpec
-from tasks.tracking import Tracker
+from tasks.tracking import MetricLog, Tracker
 from trainer.train import TrainHooks, TrainResult, train
 
 
-def progress_hooks(tracker: Tracker | None, show_progress: bool) -> tuple[TrainHooks, list]:
+def progress_hooks(tracker: Tracker | None, show_progress: bool, progress_artifact: bool = True) -> tuple[
+        TrainHooks, list]:
     bar_holder: list = []
+    artifact: dict = {}
+    metric_log = MetricLog(tracker) if tracker is not None else None
 
     def on_start(info: dict) -> None:
+        start = info["resumed_from"] or 0
         if tracker is not None:
-            tracker.set_tags({"lineage.id": info["lineage"]["id"], "device": info["device"], "amp": info["amp"],
-                              "resumed_from": info["resumed_from"] if info["resumed_from"] is not None else "none"})
-            tracker.log_params({"lineage": {k: v for k, v in info["lineage"].items() if k != "mlflow_run_id"},
+            lineage = info["lineage"]
+            tracker.set_tags({
+                "lineage.id": lineage["id"], "device": info["device"], "amp": info["amp"],
+                "resume.from_step": info["resumed_from"] if info["resumed_from"] is not None else "none",
+                "tokenizer.sha256": lineage["tokenizer_sha256"], "base_rows.sha256": lineage["base_rows_sha256"],
+                "config.sha256": lineage["config_sha256"]})
+            tracker.log_params({"lineage": {k: v for k, v in lineage.items() if k != "mlflow_run_id"},
                                 "trainable_params": info["trainable_params"], "total_steps": info["total_steps"]})
+            high = metric_log.high_water()
+            if info["resumed_from"] is not None and high is not None and high > info["resumed_from"]:
+                tracker.set_tags({"metrics.rewind": f"resumed from step {info['resumed_from']}; steps up to {high} "
+                                                    "were logged by an earlier attempt and are kept, not re-logged"})
+        if progress_artifact:
+            artifact["id"] = create_progress_artifact(100.0 * start / max(1, info["total_steps"]),
+                                                      key="fidel-training-progress",
+                                                      description=f"training: step {start}/{info['total_steps']}")
         if show_progress:
-            start = info["resumed_from"] or 0
             bar_holder.append(tqdm(total=info["total_steps"], initial=start, desc="training", unit="step"))
 
     def on_progress(step: int, total: int, metrics: dict) -> None:
@@ -32,14 +48,22 @@ def progress_hooks(tracker: Tracker | None, show_progress: bool) -> tuple[TrainH
             bar = bar_holder[0]
             bar.update(step - bar.n)
             bar.set_postfix(text=f"{metrics['train_text_loss']:.3f}", mel=f"{metrics['train_mel_loss']:.3f}")
+        if artifact.get("id"):
+            update_progress_artifact(artifact["id"], 100.0 * step / max(1, total),
+                                     description=f"training: step {step}/{total}, text loss "
+                                                 f"{metrics['train_text_loss']:.3f}, mel loss "
+                                                 f"{metrics['train_mel_loss']:.3f}")
 
     def on_commit(rows: list) -> None:
-        if tracker is not None and rows:
-            tracker.log_metric_rows(rows)
+        if metric_log is not None and rows:
+            skipped = metric_log.commit(rows)
+            if skipped:
+                logger().warning("%d metric points were already logged for their step and were skipped", skipped)
 
     def on_checkpoint(path: Path, sidecar: dict) -> None:
         if tracker is not None:
-            tracker.set_tags({"checkpoint.latest": str(path), "checkpoint.step": sidecar["step"]})
+            tracker.set_tags({"checkpoint.latest": str(path), "checkpoint.step": sidecar["step"],
+                              "checkpoint.sha256": sidecar["sha256"]})
 
     return TrainHooks(on_start=on_start, on_commit=on_commit, on_checkpoint=on_checkpoint,
                       on_progress=on_progress), bar_holder
@@ -50,7 +74,7 @@ def training(spec: RunSpec, data_dir: str, decision: dict, tracker: Tracker | No
              show_progress: bool = False) -> TrainResult:
     tc = spec.train_config(Path(data_dir), tracker.run_id if tracker else None)
     tc.resume = decision["checkpoint"] if decision["action"] == "resume" else None
-    if tracker is not None and not tracker.resumed:
+    if tracker is not None:
         tracker.log_params({"train": {k: v for k, v in tc.to_dict().items() if k not in ("resume", "mlflow_run_id")}})
     hooks, bars = progress_hooks(tracker, show_progress)
     try:
@@ -60,7 +84,8 @@ def training(spec: RunSpec, data_dir: str, decision: dict, tracker: Tracker | No
             bar.close()
     logger().info("training %s at step %d/%d %s", result.status, result.step, result.total_steps, result.reason)
     if tracker is not None:
-        tracker.set_tags({"train.status": result.status})
+        tracker.set_tags({"train.status": result.status, "train.step": result.step})
+        publish_loss_curves(tracker, spec.output_dir)
     if result.status == "failed":
         raise StageFailed(f"training failed: {result.reason}")
     return result

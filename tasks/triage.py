@@ -1,4 +1,4 @@
-"""Stage 3: checkpoint triage: fresh, resume, or refuse."""
+"""Stage 3: checkpoint triage: fresh, resume, or refuse. Its table goes to the output dir, Prefect and MLflow."""
 
 from __future__ import annotations
 
@@ -8,16 +8,20 @@ from prefect.cache_policies import NO_CACHE
 from tasks.report import StageFailed, logger, publish
 from tasks.spec import RunSpec
 from tasks.tracking import Tracker
-from trainer.triage import triage_output_dir
+from trainer.triage import triage_output_dir, triage_path
 
 
 @task(name="checkpoint-triage", cache_policy=NO_CACHE)
 def checkpoint_triage(spec: RunSpec, tracker: Tracker | None) -> dict:
-    decision = triage_output_dir(spec.output_dir)
+    """`resume: auto` (or none) triages the output dir; a checkpoint path triages that checkpoint."""
+    explicit = spec.resume not in (None, "", "auto")
+    decision = triage_path(spec.resume) if explicit else triage_output_dir(spec.output_dir)
     publish("triage", decision.to_markdown(), decision.to_dict(), spec.output_dir, tracker)
     logger().info("triage: %s (%s)", decision.action, decision.reason)
     if tracker is not None:
-        tracker.set_tags({"triage.decision": decision.action, "triage.reason": decision.reason[:4000]})
+        valid = sum(c.valid for c in decision.candidates)
+        tracker.set_tags({"triage.decision": decision.action, "triage.verdict": decision.reason[:4000],
+                          "triage.checkpoints": f"{len(decision.candidates)} found, {valid} valid"})
     if decision.action == "refuse":
         raise StageFailed(f"triage: {decision.reason}")
     return decision.to_dict()

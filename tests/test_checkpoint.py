@@ -54,7 +54,7 @@ def test_malicious_pickle_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     path.write_bytes(pickle.dumps(Evil()))
     decision = triage_path(path)
-    assert decision.action == "fresh" and decision.candidates[0].kind == "foreign"
+    assert decision.action == "refuse" and decision.candidates[0].finding == "hostile"
     from trainer.weights import torch_load
 
     with pytest.raises(FidelError, match="evil.pt"):

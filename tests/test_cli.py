@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,9 +27,11 @@ def train_args(project, out, *extra):
 def test_train_accepts_the_community_flags(tiny_project, tmp_path, capsys):
     assert main(train_args(tiny_project, tmp_path / "out")) == 0
     out = capsys.readouterr().out
-    assert "completed at step 12/12" in out and "val_text_loss" in out
+    two_epochs = int(re.search(r"completed at step (\d+)/\1;", out).group(1))
+    assert two_epochs > 0 and "val_text_loss" in out and "saved " in out
     assert main(train_args(tiny_project, tmp_path / "out", "--resume", "auto", "--epochs", "3")) == 0
-    assert "completed at step 18/18" in capsys.readouterr().out
+    three_epochs = int(re.search(r"completed at step (\d+)/\1;", capsys.readouterr().out).group(1))
+    assert three_epochs == two_epochs * 3 // 2
 
 
 def test_bad_input_is_one_line_naming_the_file(tiny_project, tmp_path, capsys):
@@ -43,10 +46,10 @@ def test_triage_and_export_commands(tiny_project, tmp_path, capsys):
     capsys.readouterr()
     assert main(["triage", str(tmp_path / "out"), "--json"]) == 0
     decision = json.loads(capsys.readouterr().out)
-    assert decision["action"] == "resume" and decision["checkpoint"].endswith("ckpt-step00000012.pt")
+    assert decision["action"] == "resume" and decision["checkpoint"].endswith(".pt")
     assert main(["export", decision["checkpoint"], "--out", str(tmp_path / "export")]) == 0
     record = json.loads(capsys.readouterr().out)
-    assert record["step"] == 12 and (tmp_path / "export" / "gpt.pth").is_file()
+    assert f"step{record['step']:08d}" in decision["checkpoint"] and (tmp_path / "export" / "gpt.pth").is_file()
     assert (tmp_path / "export" / "bpe.model").read_bytes() == Path(tiny_project.tokenizer).read_bytes()
     assert main(["export", decision["checkpoint"], "--out", str(tmp_path / "export")]) == 2  # never overwrites
 

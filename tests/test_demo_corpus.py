@@ -83,9 +83,10 @@ def test_english_sentences():
     assert sentences == english_sentences(200, seed=0)
     assert sentences != english_sentences(200, seed=1)
     for s in sentences:
-        assert re.fullmatch(r"[A-Z][a-z]*( [a-z]+,?)* [a-z]+[.?]", s), s
+        assert re.fullmatch(r"[A-Z][a-z]*( [a-z]+,?)* [a-z]+[.?!]", s), s
         assert 3 <= len(s.split()) <= 10
     assert any("," in s for s in sentences) and any(s.endswith("?") for s in sentences)
+    assert any(s.endswith("!") for s in sentences)  # the base must learn every mark Amharic maps to
 
 
 @needs_espeak

@@ -8,7 +8,8 @@ from trainer.checkpoint import list_checkpoints, load_checkpoint
 from trainer.errors import FidelError
 from trainer.export import export_model
 from trainer.gates import exported_base_rows_identical
-from trainer.train import TrainHooks, lr_factor, train
+from trainer.optim import lr_factor
+from trainer.train import TrainHooks, train
 from trainer.weights import torch_load
 
 

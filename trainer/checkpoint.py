@@ -155,6 +155,16 @@ def latest_valid_checkpoint(folder: Path) -> tuple[Path | None, list[tuple[Path,
     return None, rejected
 
 
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Temp files of writes a crash interrupted: never renamed into place, so never a checkpoint."""
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if p.name.startswith(".ckpt-step") and p.name.endswith(".tmp")]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def prune_checkpoints(folder: Path, keep_last: int, keep: set[Path] = frozenset()) -> list[Path]:
     """Delete all but the newest `keep_last` checkpoints (and any in `keep`); returns what was deleted."""
     removed = []

@@ -1,20 +1,35 @@
-"""`fidel export`: a fidel checkpoint + its base → an upstream-loadable `gpt.pth`, tokenizer and config.yaml."""
+"""`fidel export`: a fidel checkpoint + its base → an upstream-loadable `gpt.pth`, tokenizer and config.yaml.
+
+gpt.pth is a plain state_dict with the base file's keys in its order; only the three text tensors grow to
+N+1 rows. After writing, the file is read back and checked: keys, order and shapes, and (float32) base rows
+and pass-through tensors byte-identical to the base file. A failed check removes what was written.
+"""
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from trainer.checkpoint import atomic_write_bytes, atomic_write_json, file_sha256, load_checkpoint
-from trainer.config import read_config_yaml, write_config_yaml
+from trainer.config import load_gpt_config, read_config_yaml, write_config_yaml
 from trainer.errors import FidelError
 from trainer.model import upstream_state_dict
 from trainer.train import FROZEN_BUFFERS, TrainConfig, build_model
-from trainer.weights import export_state_dict, load_base_checkpoint, model_base_rows_hash
+from trainer.weights import (
+    export_problems,
+    export_state_dict,
+    layout_problems,
+    load_base_checkpoint,
+    model_base_rows_hash,
+    read_state_dict,
+    training_shapes,
+)
+
+EXPORT_FILES = ("gpt.pth", "bpe.model", "config.yaml", "export.json")
 
 
 @dataclass
@@ -26,41 +41,77 @@ class Exported:
     record: dict
 
 
-def export_model(checkpoint: str | Path, out_dir: str | Path, fp16: bool = False) -> Exported:
-    """Write gpt.pth (upstream keys and order), bpe.model and config.yaml into out_dir; nothing is overwritten."""
-    checkpoint, out = Path(checkpoint), Path(out_dir)
-    state, meta = load_checkpoint(checkpoint)
-    tc = TrainConfig(**state["train_config"])
-    setup = build_model(tc)
-    model = setup.model
-    frozen = {k: v for k, v in model.state_dict().items() if k in FROZEN_BUFFERS}
-    model.load_state_dict({**state["model"], **frozen})
-    if model_base_rows_hash(model) != state["lineage"]["base_rows_sha256"]:
-        raise FidelError(checkpoint, "base rows of the rebuilt model differ from the lineage's hash")
-    dtype = torch.float16 if fp16 else None
-    if tc.base_checkpoint is None:
-        weights = upstream_state_dict(model)
-        if dtype is not None:
-            weights = {k: v.to(dtype) for k, v in weights.items()}
-    else:
-        weights = export_state_dict(model, load_base_checkpoint(tc.base_checkpoint, setup.cfg), dtype)
-    targets = [out / "gpt.pth", out / "bpe.model", out / "config.yaml", out / "export.json"]
+def write_export(weights: dict[str, torch.Tensor], out: Path, tokenizer: str | Path, config: str | Path,
+                 number_text_tokens: int) -> tuple[Path, Path, Path]:
+    """gpt.pth, bpe.model and config.yaml (number_text_tokens updated) into out; refuses to overwrite."""
+    targets = [out / name for name in EXPORT_FILES]
     taken = [p.name for p in targets if p.exists()]
     if taken:
         raise FidelError(out, f"already holds {', '.join(taken)}; choose an empty folder")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(targets[0], lambda h: torch.save(weights, h))
-    shutil.copyfile(tc.tokenizer, targets[1])
-    write_config_yaml(read_config_yaml(tc.config), targets[2], setup.cfg.number_text_tokens)
+    shutil.copyfile(tokenizer, targets[1])
+    write_config_yaml(read_config_yaml(config), targets[2], number_text_tokens)
+    return targets[0], targets[1], targets[2]
+
+
+def remove_export(out: Path) -> None:
+    for name in EXPORT_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
+def export_model(checkpoint: str | Path, out_dir: str | Path, fp16: bool = False,
+                 base_checkpoint: str | Path | None = None) -> Exported:
+    """Write gpt.pth (upstream keys and order), bpe.model and config.yaml into out_dir; nothing is overwritten.
+
+    base_checkpoint: where the base now lives, if it moved since training; its base rows must hash as recorded.
+    """
+    checkpoint, out = Path(checkpoint), Path(out_dir)
+    state, meta = load_checkpoint(checkpoint)
+    tc = TrainConfig(**state["train_config"])
+    if base_checkpoint is not None:
+        tc = replace(tc, base_checkpoint=str(base_checkpoint))
+    setup = build_model(tc)
+    model = setup.model
+    frozen = {k: v for k, v in model.state_dict().items() if k in FROZEN_BUFFERS}
+    model.load_state_dict({**state["model"], **frozen})
+    lineage = state["lineage"]
+    if setup.base_hash != lineage["base_rows_sha256"]:
+        raise FidelError(tc.base_checkpoint, "its base rows do not hash as this lineage's base did: not its base")
+    if model_base_rows_hash(model) != lineage["base_rows_sha256"]:
+        raise FidelError(checkpoint, f"base rows drifted from the base (trained with --freeze {tc.freeze}); "
+                                     "an export must keep them bit-identical")
+    dtype = torch.float16 if fp16 else torch.float32
+    base = None
+    if tc.base_checkpoint is None:
+        weights = {k: v.to(dtype) for k, v in upstream_state_dict(model).items()}
+    else:
+        base = load_base_checkpoint(tc.base_checkpoint, load_gpt_config(tc.config), read_config_yaml(tc.config)["gpt"])
+        weights = export_state_dict(model, base, dtype if fp16 else None)
+    gpt, tokenizer, config = write_export(weights, out, tc.tokenizer, tc.config, setup.cfg.number_text_tokens)
+    del weights
+    written = read_state_dict(gpt)
+    if base is None:
+        problems = layout_problems(written, training_shapes(setup.cfg), dtype)
+    else:
+        problems = export_problems(written, base, setup.cfg.text_rows, dtype)
+    del written
+    if problems:
+        remove_export(out)
+        raise FidelError(gpt, f"export check failed, nothing kept: {'; '.join(problems[:4])}")
     record = {
         "checkpoint": str(checkpoint), "checkpoint_sha256": meta["sha256"], "step": meta["step"],
-        "lineage_id": state["lineage"]["id"], "base_checkpoint": tc.base_checkpoint,
-        "base_rows_sha256": state["lineage"]["base_rows_sha256"], "dtype": "float16" if fp16 else "float32",
-        "gpt_sha256": file_sha256(targets[0]), "tokenizer_sha256": file_sha256(targets[1]),
-        "number_text_tokens": setup.cfg.number_text_tokens, "keys": len(weights),
+        "lineage_id": lineage["id"], "base_checkpoint": tc.base_checkpoint,
+        "base_rows_sha256": lineage["base_rows_sha256"], "dtype": str(dtype).removeprefix("torch."),
+        "gpt_sha256": file_sha256(gpt), "tokenizer_sha256": file_sha256(tokenizer),
+        "number_text_tokens": setup.cfg.number_text_tokens, "text_rows": setup.cfg.text_rows,
+        "base_rows": setup.base_rows, "keys": len(base.key_order) if base else len(training_shapes(setup.cfg)),
+        "freeze": tc.freeze, "init": lineage.get("init"),
+        "checked": "keys, order and shapes as the base" + (
+            "; base rows and pass-through tensors byte-identical" if base is not None and not fp16 else ""),
     }
-    atomic_write_json(targets[3], record)
-    return Exported(out, targets[0], targets[1], targets[2], record)
+    atomic_write_json(out / "export.json", record)
+    return Exported(out, gpt, tokenizer, config, record)
 
 
 def read_export_record(folder: str | Path) -> dict | None:

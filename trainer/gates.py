@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -87,3 +91,91 @@ def exported_base_rows_identical(base_path, exported_path, base_rows: int) -> Ga
     differing = [k for k in SPLIT_KEYS if not torch.equal(base[k][:base_rows], exported[k][:base_rows])]
     return GateResult("base_rows_bit_identical", not differing, f"{base_rows} rows × {len(SPLIT_KEYS)} tensors",
                       f"differ: {', '.join(differing)}" if differing else "")
+
+
+def new_rows_learning(init_rows: torch.Tensor, current_rows: torch.Tensor, used_rows: list[int],
+                      min_share: float = 0.9, min_delta: float = 0.0) -> GateResult:
+    """New rows of tokens present in the data moved from their init (max |Δ| > min_delta) for at least
+    min_share of them. Rows are indices into the new-row block (token id − B)."""
+    if not used_rows:
+        return GateResult("new_rows_learning", False, "no new-row token in the data", "nothing to learn")
+    delta = (current_rows[used_rows].float() - init_rows[used_rows].float()).abs().flatten(1).amax(1)
+    moved = int((delta > min_delta).sum())
+    share = moved / len(used_rows)
+    ok = share >= min_share
+    return GateResult("new_rows_learning", ok,
+                      f"{moved}/{len(used_rows)} used new rows moved (max |Δ| {float(delta.max()):.3g})",
+                      "" if ok else f"fewer than {min_share:.0%} of the used new rows moved from their init")
+
+
+def inference_smoke(generated: list[tuple[int, bool, int]], min_ratio: float = 0.2,
+                    max_ratio: float = 5.0) -> GateResult:
+    """generated: (codes emitted, stop code emitted, reference code length) per validation text. Every text must
+    stop, with emitted/reference inside [min_ratio, max_ratio]."""
+    if not generated:
+        return GateResult("inference_smoke", False, "no text decoded", "nothing decoded")
+    unstopped = sum(not stopped for _, stopped, _ in generated)
+    ratios = [n / max(1, ref) for n, _, ref in generated]
+    outside = sum(not (min_ratio <= r <= max_ratio) for r in ratios)
+    ok = unstopped == 0 and outside == 0
+    value = (f"{len(generated) - unstopped}/{len(generated)} stopped, length ratio "
+             f"{min(ratios):.2f}..{max(ratios):.2f} (bound {min_ratio}..{max_ratio})")
+    reason = "" if ok else "; ".join(x for x in (f"{unstopped} never emitted the stop code" if unstopped else "",
+                                                 f"{outside} outside the length bound" if outside else "") if x)
+    return GateResult("inference_smoke", ok, value, reason)
+
+
+@dataclass
+class GateConfig:
+    """What the validation-time gates check. text_loss_threshold/by_step arm the text-loss gate."""
+
+    base_rows_sha256: str | None = None  # None: base-intact not checked (a --freeze hooks comparison run)
+    diverge_factor: float = 2.0
+    text_loss_weight: float = 0.2
+    mel_loss_weight: float = 0.8
+    text_loss_threshold: float | None = None
+    text_loss_by_step: int | None = None
+
+
+def validation_gates(config: GateConfig, step: int, metrics: dict, history: list[dict], model) -> list[GateResult]:
+    """The gates that can run at every validation: base intact, finite, not diverging, text loss (when armed)."""
+    results = []
+    if config.base_rows_sha256:
+        from trainer.weights import model_base_rows_hash
+
+        results.append(base_intact(config.base_rows_sha256, model_base_rows_hash(model)))
+    results.append(finite({k: v for k, v in metrics.items() if k.endswith("_loss")}))
+    totals = [config.text_loss_weight * h["val_text_loss"] + config.mel_loss_weight * h["val_mel_loss"]
+              for h in history]
+    results.append(not_diverging(totals, config.diverge_factor))
+    if config.text_loss_threshold is not None and config.text_loss_by_step is not None:
+        results.append(text_loss_gate(metrics["val_text_loss"], step, config.text_loss_threshold,
+                                      config.text_loss_by_step))
+    return results
+
+
+def validation_hook(config: GateConfig, on_results=lambda step, results: None):
+    """A TrainHooks.on_validation: runs the gates, reports them, returns the first failure (training then saves
+    and ends "failed" with it) or None."""
+
+    def hook(step: int, metrics: dict, history: list[dict], model) -> str | None:
+        results = validation_gates(config, step, metrics, history, model)
+        on_results(step, results)
+        return first_failure(results) or None
+
+    return hook
+
+
+def new_row_ids(text_ids: list, base_rows: int) -> list[int]:
+    """Indices into the new-row block (token id − B) of the new tokens that occur in the given texts."""
+    used = set()
+    for ids in text_ids:
+        used.update(int(i) - base_rows for i in ids if int(i) >= base_rows)
+    return sorted(used)
+
+
+def new_rows_of(model_state: dict, base_rows: int) -> torch.Tensor:
+    """Rows B..N of text_embedding from a fidel checkpoint's model state (split or hooks layout)."""
+    if "text_embedding.new" in model_state:
+        return model_state["text_embedding.new"]
+    return model_state["text_embedding.weight"][base_rows:]

@@ -98,8 +98,11 @@ class LearnedPositions(nn.Module):
         return self.emb.weight[:length]
 
 
+FREEZE_MODES = ("split", "hooks")
+
+
 class SplitEmbedding(nn.Module):
-    """`text_embedding`: frozen base rows (buffer) + trainable new rows (parameter)."""
+    """`text_embedding` in split mode: frozen base rows (buffer) + trainable new rows (parameter)."""
 
     def __init__(self, base_rows: int, new_rows: int, dim: int):
         super().__init__()
@@ -110,12 +113,20 @@ class SplitEmbedding(nn.Module):
     def weight(self) -> torch.Tensor:
         return torch.cat([self.base, self.new])
 
+    def base_row_tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.base,)
+
+    @torch.no_grad()
+    def load_rows(self, weight: torch.Tensor) -> None:
+        self.base.copy_(weight[: len(self.base)])
+        self.new.copy_(weight[len(self.base):])
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight)
 
 
 class SplitHead(nn.Module):
-    """`text_head`: frozen base weight/bias rows (buffers) + trainable new rows (parameters)."""
+    """`text_head` in split mode: frozen base weight/bias rows (buffers) + trainable new rows (parameters)."""
 
     def __init__(self, base_rows: int, new_rows: int, dim: int):
         super().__init__()
@@ -133,8 +144,84 @@ class SplitHead(nn.Module):
     def bias(self) -> torch.Tensor:
         return torch.cat([self.base_bias, self.new_bias])
 
+    def base_row_tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.base_weight, self.base_bias
+
+    @torch.no_grad()
+    def load_rows(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        b = len(self.base_bias)
+        self.base_weight.copy_(weight[:b])
+        self.new_weight.copy_(weight[b:])
+        self.base_bias.copy_(bias[:b])
+        self.new_bias.copy_(bias[b:])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+
+def zero_base_rows_hook(base_rows: int):
+    """The community trainers' freeze: a gradient hook that zeroes rows 0..B-1 of a text-row gradient."""
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad[:base_rows] = 0
+        return grad
+
+    return hook
+
+
+def hooked(param: torch.Tensor, base_rows: int) -> torch.Tensor:
+    """param, with the zeroing hook on the gradient that flows into it. Registered per forward on a view, so
+    moving or re-creating the parameter (`.to`, `to_empty`, DDP) cannot lose the hook."""
+    if not (param.requires_grad and torch.is_grad_enabled()):
+        return param
+    view = param.view_as(param)
+    view.register_hook(zero_base_rows_hook(base_rows))
+    return view
+
+
+class HookedEmbedding(nn.Module):
+    """`text_embedding` in hooks mode (comparison only): one [N+1, D] parameter, base-row grads zeroed.
+
+    AdamW weight decay and leftover Adam moments still move the "frozen" rows; that is what it is kept to show.
+    """
+
+    def __init__(self, base_rows: int, new_rows: int, dim: int):
+        super().__init__()
+        self.base_rows = base_rows
+        self.weight = nn.Parameter(torch.empty(base_rows + new_rows, dim).normal_(std=0.02))
+
+    def base_row_tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.weight.detach()[: self.base_rows],)
+
+    @torch.no_grad()
+    def load_rows(self, weight: torch.Tensor) -> None:
+        self.weight.copy_(weight)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, hooked(self.weight, self.base_rows))
+
+
+class HookedHead(nn.Module):
+    """`text_head` in hooks mode (comparison only): full weight and bias parameters, base-row grads zeroed."""
+
+    def __init__(self, base_rows: int, new_rows: int, dim: int):
+        super().__init__()
+        bound = 1 / math.sqrt(dim)
+        self.base_rows = base_rows
+        self.weight = nn.Parameter(torch.empty(base_rows + new_rows, dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(base_rows + new_rows).uniform_(-bound, bound))
+
+    def base_row_tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.weight.detach()[: self.base_rows], self.bias.detach()[: self.base_rows]
+
+    @torch.no_grad()
+    def load_rows(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        self.weight.copy_(weight)
+        self.bias.copy_(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, hooked(self.weight, self.base_rows), hooked(self.bias, self.base_rows))
 
 
 @dataclass
@@ -185,28 +272,62 @@ def valid_mask(width: int, lengths: torch.Tensor) -> torch.Tensor:
     return torch.arange(width, device=lengths.device)[None, :] < (lengths + 1)[:, None]
 
 
-class UnifiedVoiceGPT(nn.Module):
-    """The training path of IndexTTS2's UnifiedVoice, names as upstream's state_dict."""
+DURATION_DROPOUT = 0.3  # the community trainers' default p for the duration slot falling back to speed_emb(0)
 
-    def __init__(self, cfg: GPTConfig, base_rows: int):
+
+class UnifiedVoiceGPT(nn.Module):
+    """The training path of IndexTTS2's UnifiedVoice, names as upstream's state_dict.
+
+    freeze: "split" (base text rows are buffers; the default) or "hooks" (full text parameters with base-row
+    gradients zeroed, the community trainers' way, for comparison only).
+    duration_control: the duration slot (prefix position 32) holds mel_pos_embedding(code length) instead of
+    speed_emb(1), replaced by speed_emb(0) per item with probability duration_dropout in training.
+    """
+
+    def __init__(self, cfg: GPTConfig, base_rows: int, freeze: str = "split", duration_control: bool = False,
+                 duration_dropout: float = DURATION_DROPOUT):
         super().__init__()
         if not 0 <= base_rows <= cfg.text_rows:
             raise ValueError(f"base_rows {base_rows} outside 0..{cfg.text_rows}")
+        if freeze not in FREEZE_MODES:
+            raise ValueError(f"freeze {freeze!r}: choose from {', '.join(FREEZE_MODES)}")
+        if not 0.0 <= duration_dropout <= 1.0:
+            raise ValueError(f"duration_dropout {duration_dropout} outside 0..1")
         self.cfg = cfg
         self.base_rows = base_rows
+        self.freeze = freeze
+        self.duration_control = duration_control
+        self.duration_dropout = duration_dropout
         dim = cfg.model_dim
         new_rows = cfg.text_rows - base_rows
-        self.text_embedding = SplitEmbedding(base_rows, new_rows, dim)
+        embedding, head = (SplitEmbedding, SplitHead) if freeze == "split" else (HookedEmbedding, HookedHead)
+        self.text_embedding = embedding(base_rows, new_rows, dim)
         self.mel_embedding = nn.Embedding(cfg.number_mel_codes, dim)
         nn.init.normal_(self.mel_embedding.weight, std=0.02)
         self.gpt = Backbone(dim, cfg.layers, cfg.heads)
         self.mel_pos_embedding = LearnedPositions(cfg.mel_positions, dim)
         self.text_pos_embedding = LearnedPositions(cfg.text_positions, dim)
         self.final_norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.text_head = SplitHead(base_rows, new_rows, dim)
+        self.text_head = head(base_rows, new_rows, dim)
         self.mel_head = nn.Linear(dim, cfg.number_mel_codes)
         self.speed_emb = nn.Embedding(2, dim)
         nn.init.normal_(self.speed_emb.weight, std=0.02)
+
+    def base_row_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows 0..B-1 of text_embedding.weight, text_head.weight and text_head.bias (views, no copy)."""
+        return (*self.text_embedding.base_row_tensors(), *self.text_head.base_row_tensors())
+
+    def duration_slot(self, code_lengths: torch.Tensor) -> torch.Tensor:
+        """Prefix position 32, [B, D]."""
+        speed = self.speed_emb.weight
+        n = code_lengths.shape[0]
+        if not self.duration_control:
+            return speed[1].expand(n, -1)
+        slot = self.mel_pos_embedding.emb(code_lengths.clamp(max=self.cfg.mel_positions - 1))
+        if self.training and self.duration_dropout > 0:
+            free = torch.rand(n, device=slot.device) < self.duration_dropout
+            slot = torch.where(free[:, None], speed[0].expand_as(slot), slot)
+        return slot
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns text logits [B, T+2, N+1], text targets, mel logits [B, C+2, M], mel targets."""
@@ -216,11 +337,10 @@ class UnifiedVoiceGPT(nn.Module):
         mel_in, mel_tgt = aligned_inputs_and_targets(
             batch.codes, batch.code_lengths, cfg.start_mel_token, cfg.stop_mel_token)
         n = batch.size
-        speed = self.speed_emb.weight
         prefix = torch.cat([
             batch.condition + batch.emo_vec[:, None, :],
-            speed[1].expand(n, 1, -1),  # duration slot
-            speed[0].expand(n, 1, -1),  # free-duration slot
+            self.duration_slot(batch.code_lengths)[:, None, :],
+            self.speed_emb.weight[0].expand(n, 1, -1),  # free-duration slot
         ], dim=1)
         text_emb = self.text_embedding(text_in) + self.text_pos_embedding(text_in.shape[1])
         mel_emb = self.mel_embedding(mel_in) + self.mel_pos_embedding(mel_in.shape[1])
@@ -247,6 +367,7 @@ TRAINING_PATH_PREFIXES = (
     "final_norm.", "text_head.", "mel_head.", "speed_emb.",
 )
 SPLIT_KEYS = ("text_embedding.weight", "text_head.weight", "text_head.bias")
+TEXT_ROW_PREFIXES = ("text_embedding.", "text_head.")
 
 
 def is_training_path_key(key: str) -> bool:
@@ -254,32 +375,32 @@ def is_training_path_key(key: str) -> bool:
 
 
 def upstream_state_dict(model: UnifiedVoiceGPT) -> dict[str, torch.Tensor]:
-    """The model's tensors under upstream's key names, split text rows merged back."""
+    """The model's tensors under upstream's key names and order, split text rows merged back."""
     out = {}
     for key, value in model.state_dict().items():
-        if key.startswith(("text_embedding.", "text_head.")):
-            continue
-        out[key] = value
-    with torch.no_grad():
-        out["text_embedding.weight"] = model.text_embedding.weight.detach().clone()
-        out["text_head.weight"] = model.text_head.weight.detach().clone()
-        out["text_head.bias"] = model.text_head.bias.detach().clone()
+        module = key.split(".", 1)[0]
+        if module == "text_embedding" and "text_embedding.weight" not in out:
+            out["text_embedding.weight"] = model.text_embedding.weight.detach().clone()
+        elif module == "text_head" and "text_head.weight" not in out:
+            out["text_head.weight"] = model.text_head.weight.detach().clone()
+            out["text_head.bias"] = model.text_head.bias.detach().clone()
+        elif module not in ("text_embedding", "text_head"):
+            out[key] = value
     return out
 
 
 def load_upstream_state_dict(model: UnifiedVoiceGPT, state: dict[str, torch.Tensor]) -> None:
     """Load upstream-named training-path tensors (text rows already of the model's size) strictly."""
-    base = model.base_rows
+    rows = model.cfg.text_rows
+    wrong = [f"{k} {tuple(state[k].shape)}" for k in SPLIT_KEYS if k in state and state[k].shape[0] != rows]
+    absent = [k for k in SPLIT_KEYS if k not in state]
+    if wrong or absent:
+        raise KeyError(f"text rows do not match the model's {rows}: missing {absent}, wrong {wrong}")
+    model.text_embedding.load_rows(state["text_embedding.weight"])
+    model.text_head.load_rows(state["text_head.weight"], state["text_head.bias"])
     own = {k: v for k, v in state.items() if k not in SPLIT_KEYS}
-    with torch.no_grad():
-        model.text_embedding.base.copy_(state["text_embedding.weight"][:base])
-        model.text_embedding.new.copy_(state["text_embedding.weight"][base:])
-        model.text_head.base_weight.copy_(state["text_head.weight"][:base])
-        model.text_head.new_weight.copy_(state["text_head.weight"][base:])
-        model.text_head.base_bias.copy_(state["text_head.bias"][:base])
-        model.text_head.new_bias.copy_(state["text_head.bias"][base:])
-    split_names = {k for k in model.state_dict() if k.startswith(("text_embedding.", "text_head."))}
+    text_names = {k for k in model.state_dict() if k.startswith(TEXT_ROW_PREFIXES)}
     missing, unexpected = model.load_state_dict(own, strict=False)
-    missing = [k for k in missing if k not in split_names]
+    missing = [k for k in missing if k not in text_names]
     if missing or unexpected:
         raise KeyError(f"state dict does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -1,33 +1,43 @@
 """The training loop: weighted text and mel losses, warmup + cosine, AdamW by name, clipping, optional AMP,
-log and validation intervals, atomic checkpoints, exact resume, and a clean stop on SIGTERM/SIGINT."""
+log and validation intervals, atomic checkpoints, exact resume, a clean stop on SIGTERM/SIGINT, and DDP.
+
+One optimizer step consumes `world × grad_accumulation` micro-batches of the epoch's shuffled plan. The loss
+is normalised by the tokens of all of them (counted on every rank, summed across ranks), so a step is the
+same whether its micro-batches run in sequence, in parallel, or both. Dropout is seeded per micro-batch from
+(seed, epoch, micro-batch index), so it too does not depend on how the step is split, nor on a resume.
+"""
 
 from __future__ import annotations
 
-import math
 import os
 import signal
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from trainer.async_checkpoint import AsyncCheckpointWriter
 from trainer.checkpoint import (
     file_sha256,
     latest_valid_checkpoint,
     load_checkpoint,
     prune_checkpoints,
+    remove_stale_temp_files,
     rng_state,
-    save_checkpoint,
     set_rng_state,
 )
-from trainer.config import GPTConfig, load_gpt_config
-from trainer.data import BucketBatchSampler, PairDataset, collate, read_manifests
+from trainer.config import GPTConfig, load_gpt_config, read_config_yaml
+from trainer.data import collate, training_data
+from trainer.distributed import Dist, all_reduce_sum, any_rank, init_from_env
 from trainer.errors import FidelError
-from trainer.model import Batch, UnifiedVoiceGPT
+from trainer.model import FREEZE_MODES, Batch, UnifiedVoiceGPT
+from trainer.optim import amp_dtype, lr_factor, make_optimizer, param_groups
 from trainer.tokenizer import load_tokenizer
 from trainer.vocab import INIT_METHODS, InitRecord, extended_model
 from trainer.weights import base_checkpoint_rows_hash, load_base_checkpoint, model_base_rows_hash
@@ -58,11 +68,16 @@ class TrainConfig:
     text_loss_weight: float = 0.2
     mel_loss_weight: float = 0.8
     log_interval: int = 10
-    val_interval: int = 100
+    val_interval: int = 100  # 0: once per epoch
     save_interval: int = 100
+    save_minutes: float = 0.0  # also save when this many minutes passed since the last save (0: off)
     keep_last: int = 3
+    keep_best: bool = True  # keep the checkpoint with the best validation loss beside the last ones
+    async_save: bool = True  # write checkpoints in the background; the loop waits only for a CPU snapshot
     amp: str = "off"  # off | auto | bf16 | fp16
-    init: str = "mean"
+    init: str = "mean"  # mean | subtoken | random
+    freeze: str = "split"  # split (base rows are buffers) | hooks (community gradient hooks, comparison only)
+    duration_control: bool = False  # duration slot = mel_pos_embedding(code length), speed_emb(0) w.p. 0.3
     seed: int = 1234
     num_workers: int = 0
     device: str = "auto"
@@ -74,13 +89,17 @@ class TrainConfig:
 
 @dataclass
 class TrainHooks:
-    """Callbacks for the layer above (Prefect/MLflow); trainer/ itself logs nowhere."""
+    """Callbacks for the layer above (Prefect/MLflow); trainer/ itself logs nowhere. Only rank 0 calls them."""
 
     on_start: Callable[[dict], None] = lambda info: None
     # metrics are committed together with the checkpoint that contains them, so a resume never logs a step twice
     on_commit: Callable[[list[tuple[int, dict]]], None] = lambda rows: None
     on_checkpoint: Callable[[Path, dict], None] = lambda path, sidecar: None
     on_progress: Callable[[int, int, dict], None] = lambda step, total, metrics: None
+    on_warning: Callable[[str], None] = lambda message: print(f"warning: {message}", file=sys.stderr)
+    # evaluation gates at each validation: return a reason to stop (training saves and ends "failed"), or None
+    on_validation: Callable[[int, dict, list[dict], UnifiedVoiceGPT], str | None] = \
+        lambda step, metrics, history, model: None
 
 
 @dataclass
@@ -94,6 +113,8 @@ class TrainResult:
     last_train: dict = field(default_factory=dict)
     reason: str = ""
     resumed_from: int | None = None
+    wall_seconds: float = 0.0  # the training loop alone (saves and validation included)
+    skipped_steps: int = 0  # fp16 steps the GradScaler skipped on overflow
 
 
 class StopRequest:
@@ -123,43 +144,14 @@ class StopRequest:
         return self.signal is not None
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, env: Dist) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "off" or device.type != "cuda":
-        return None
-    if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-
-def param_groups(model: UnifiedVoiceGPT, cfg: TrainConfig) -> list[dict]:
-    """By name: new text rows get their own lr and no decay; matrices decay; biases, norms, embeddings don't."""
-    new_rows, decay, no_decay = [], [], []
-    for name, param in model.named_parameters():
-        if name in ("text_embedding.new", "text_head.new_weight", "text_head.new_bias"):
-            new_rows.append(param)
-        elif param.ndim >= 2 and (name.startswith("gpt.") or name.endswith("head.weight")):
-            decay.append(param)
-        else:
-            no_decay.append(param)
-    return [
-        {"name": "new_rows", "params": new_rows, "lr": cfg.new_rows_lr or cfg.learning_rate, "weight_decay": 0.0},
-        {"name": "decay", "params": decay, "lr": cfg.learning_rate, "weight_decay": cfg.weight_decay},
-        {"name": "no_decay", "params": no_decay, "lr": cfg.learning_rate, "weight_decay": 0.0},
-    ]
-
-
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup, cosine decay to min_ratio at `total`, flat after: it never rises again."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and env.enabled:
+        device = torch.device("cuda", env.local_rank)
+        torch.cuda.set_device(device)
+    return device
 
 
 def trainable_state(model: UnifiedVoiceGPT) -> dict:
@@ -181,15 +173,17 @@ def build_model(tc: TrainConfig) -> Setup:
     cfg = config.with_text_tokens(tokenizer.get_piece_size())
     if tc.init not in INIT_METHODS:
         raise FidelError(None, f"--init {tc.init!r}: choose from {', '.join(INIT_METHODS)}")
+    if tc.freeze not in FREEZE_MODES:
+        raise FidelError(None, f"--freeze {tc.freeze!r}: choose from {', '.join(FREEZE_MODES)}")
     torch.manual_seed(tc.seed)
     if tc.base_checkpoint is None:
-        model = UnifiedVoiceGPT(cfg, base_rows=0)
+        model = UnifiedVoiceGPT(cfg, base_rows=0, freeze=tc.freeze, duration_control=tc.duration_control)
         return Setup(cfg, model, 0, model_base_rows_hash(model), None)
-    base = load_base_checkpoint(tc.base_checkpoint, config)
+    base = load_base_checkpoint(tc.base_checkpoint, config, read_config_yaml(tc.config)["gpt"])
     base_rows = base.base_rows
     if cfg.number_text_tokens < base_rows:
         raise FidelError(tc.tokenizer, f"has {cfg.number_text_tokens} pieces, fewer than the base's {base_rows}")
-    model, init = extended_model(base, cfg, base_rows, tc.init, tc.seed)
+    model, init = extended_model(base, cfg, base_rows, tc.init, tc.seed, tokenizer, tc.freeze, tc.duration_control)
     base_hash = base_checkpoint_rows_hash(base, base_rows)
     return Setup(cfg, model, base_rows, base_hash, init)
 
@@ -208,7 +202,7 @@ def resolve_resume(tc: TrainConfig) -> Path | None:
     return Path(tc.resume)
 
 
-def lineage_of(tc: TrainConfig, setup: Setup) -> dict:
+def lineage_of(tc: TrainConfig, setup: Setup, env: Dist, total_steps: int) -> dict:
     return {
         "id": uuid.uuid4().hex,
         "base_checkpoint": tc.base_checkpoint,
@@ -217,195 +211,338 @@ def lineage_of(tc: TrainConfig, setup: Setup) -> dict:
         "base_rows_sha256": setup.base_hash,
         "tokenizer_sha256": file_sha256(tc.tokenizer),
         "config_sha256": file_sha256(tc.config),
-        "freeze": "split",
+        "freeze": tc.freeze,
+        "duration_control": tc.duration_control,
         "init": setup.init.to_dict() if setup.init else None,
         "mlflow_run_id": tc.mlflow_run_id,
+        "schedule_total_steps": total_steps,  # the LR schedule's length, fixed for the lineage
+        "effective_batch": effective_batch(tc, env),
+        "batch_changes": [],
     }
 
 
+def effective_batch(tc: TrainConfig, env: Dist) -> dict:
+    return {"batch_size": tc.batch_size, "grad_accumulation": tc.grad_accumulation, "world": env.world}
+
+
 def check_lineage(saved: dict, fresh: dict, path: Path) -> None:
-    for key in ("base_rows_sha256", "tokenizer_sha256", "text_rows"):
+    for key in ("base_rows_sha256", "tokenizer_sha256", "text_rows", "freeze"):
         if saved.get(key) != fresh.get(key):
             raise FidelError(path, f"{key} differs from this run's ({saved.get(key)} vs {fresh.get(key)}): "
                                    "not the same lineage")
 
 
-class MetricWindow:
-    """Token-weighted train metrics over one log interval."""
+def micro_seed(seed: int, epoch: int, index: int) -> int:
+    return (seed * 1_000_003 + epoch * 10_007 + index) % (2**63)
 
-    def __init__(self):
-        self.text_ce = self.text_tokens = self.mel_ce = self.mel_tokens = self.mel_correct = 0.0
+
+class MetricWindow:
+    """Token-weighted metrics over an interval, summed on the device (no host sync until read)."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(5, dtype=torch.float64, device=device)
 
     def add(self, sums) -> None:
-        self.text_ce += sums.text_ce.item()
-        self.text_tokens += sums.text_tokens.item()
-        self.mel_ce += sums.mel_ce.item()
-        self.mel_tokens += sums.mel_tokens.item()
-        self.mel_correct += sums.mel_correct.item()
+        self.sums += torch.stack([sums.text_ce.detach(), sums.text_tokens, sums.mel_ce.detach(), sums.mel_tokens,
+                                  sums.mel_correct]).to(torch.float64)
 
-    def result(self, prefix: str) -> dict:
+    def result(self, prefix: str, env: Dist) -> dict:
+        text_ce, text_tokens, mel_ce, mel_tokens, mel_correct = all_reduce_sum(self.sums.clone(), env).tolist()
         return {
-            f"{prefix}text_loss": self.text_ce / max(1.0, self.text_tokens),
-            f"{prefix}mel_loss": self.mel_ce / max(1.0, self.mel_tokens),
-            f"{prefix}mel_top1": self.mel_correct / max(1.0, self.mel_tokens),
+            f"{prefix}text_loss": text_ce / max(1.0, text_tokens),
+            f"{prefix}mel_loss": mel_ce / max(1.0, mel_tokens),
+            f"{prefix}mel_top1": mel_correct / max(1.0, mel_tokens),
         }
 
 
 @torch.no_grad()
-def evaluate(model: UnifiedVoiceGPT, loader, device: torch.device, dtype: torch.dtype | None) -> dict:
+def evaluate(model: UnifiedVoiceGPT, dataset, batches: list[list[int]], device: torch.device,
+             dtype: torch.dtype | None, env: Dist) -> dict:
+    """Validation over all val batches, sharded across ranks and summed."""
     was_training = model.training
     model.eval()
-    window = MetricWindow()
+    window = MetricWindow(device)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches[env.rank::env.world], collate_fn=collate)
     for batch in loader:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             window.add(model.loss_sums(batch.to(device)))
     model.train(was_training)
-    return window.result("val_")
+    return window.result("val_", env)
+
+
+class LossModel(torch.nn.Module):
+    """What DDP wraps: forward returns the loss sums, so gradient sync hooks see the whole graph."""
+
+    def __init__(self, model: UnifiedVoiceGPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch):
+        return self.model.loss_sums(batch)
+
+
+@dataclass
+class Position:
+    """Where training is: optimizer steps done, and micro-batches of this epoch's plan consumed."""
+
+    step: int = 0
+    epoch: int = 0
+    micro: int = 0
+
+
+def rank_micro_batches(plan: list[list[int]], start: int, group: int, accum: int, env: Dist):
+    """(global index, item ids) of this rank's micro-batches from `start` to the last whole step of the plan."""
+    whole = len(plan) // group * group
+    for first in range(start, whole, group):
+        for a in range(accum):
+            index = first + env.rank * accum + a
+            yield index, plan[index]
+
+
+def convert_position(micro: int, old_plan_len: int, new_plan_len: int, group: int) -> int:
+    """Same share of the epoch under a new batch plan, rounded down to a whole step."""
+    return int(micro / max(1, old_plan_len) * new_plan_len) // group * group
 
 
 def train(tc: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     hooks = hooks or TrainHooks()
+    env = init_from_env("cuda" if tc.device != "cpu" and torch.cuda.is_available() else "cpu")
+    if not env.main:
+        hooks = TrainHooks(on_warning=hooks.on_warning)
+    device = resolve_device(tc.device, env)
+    dtype = amp_dtype(tc.amp, device)
     out = Path(tc.output_dir)
     resume_path = resolve_resume(tc)
+    if env.main:
+        remove_stale_temp_files(out)
     setup = build_model(tc)
-    model = setup.model
+    model = setup.model.to(device)
     if model_base_rows_hash(model) != setup.base_hash:
         raise FidelError(tc.base_checkpoint, "base rows changed while building the model")
-    device = resolve_device(tc.device)
-    dtype = amp_dtype(tc.amp, device)
-    model.to(device)
 
-    train_pairs = read_manifests(tc.train_manifests)
-    val_pairs = read_manifests(tc.val_manifests)
-    train_set, val_set = PairDataset(train_pairs), PairDataset(val_pairs)
-    sampler = BucketBatchSampler([p.code_len + p.text_len for p in train_pairs], tc.batch_size, seed=tc.seed)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=tc.batch_size, collate_fn=collate)
-    batches_per_epoch = len(sampler.epoch_batches(0))
-    steps_per_epoch = max(1, batches_per_epoch // tc.grad_accumulation)
+    # the Parquet dataset of `fidel data build` (its tokenizer must be this run's) or paired JSONL manifests
+    data = training_data(tc.train_manifests, tc.val_manifests, tc.batch_size, tc.seed, tokenizer=tc.tokenizer)
+    accum = tc.grad_accumulation
+    group = env.world * accum
+    steps_per_epoch = max(1, len(data.sampler.epoch_batches(0)) // group)
     total_steps = tc.max_steps or tc.epochs * steps_per_epoch
-    val_every = tc.val_interval or steps_per_epoch  # 0: once per epoch, as the community trainer
+    val_every = tc.val_interval or steps_per_epoch
 
-    optimizer = torch.optim.AdamW(param_groups(model, tc), betas=(0.9, 0.999), eps=1e-8)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, tc.warmup_steps, total_steps, tc.min_lr_ratio))
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-    lineage = lineage_of(tc, setup)
-    step, epoch, position = 0, 0, 0
-    val_history: list[dict] = []
-    resumed_from = None
+    lineage = lineage_of(tc, setup, env, total_steps)
+    saved_state = None
     if resume_path is not None:
-        state, meta = load_checkpoint(resume_path)
-        check_lineage(state["lineage"], lineage, resume_path)
-        lineage = {**state["lineage"], "mlflow_run_id": state["lineage"].get("mlflow_run_id") or tc.mlflow_run_id}
-        model.load_state_dict({**state["model"], **{k: v for k, v in model.state_dict().items()
-                                                    if k in FROZEN_BUFFERS}})
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        step, epoch, position = state["step"], state["epoch"], state["position"]
-        val_history = list(state["val_history"])
-        set_rng_state(state["rng"])
-        resumed_from = step
-    hooks.on_start({"lineage": lineage, "resumed_from": resumed_from, "total_steps": total_steps,
-                    "device": str(device), "amp": str(dtype) if dtype else "fp32",
-                    "trainable_params": sum(p.numel() for p in model.parameters())})
+        saved_state, _ = load_checkpoint(resume_path)
+        check_lineage(saved_state["lineage"], lineage, resume_path)
+        lineage = {**lineage, **saved_state["lineage"]}
+        lineage["mlflow_run_id"] = lineage.get("mlflow_run_id") or tc.mlflow_run_id
 
+    schedule_total = lineage["schedule_total_steps"]
+    optimizer = make_optimizer(param_groups(model, tc.learning_rate, tc.new_rows_lr, tc.weight_decay), device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, tc.warmup_steps, schedule_total, tc.min_lr_ratio))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    wrapped = LossModel(model)
+    if env.enabled:
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            wrapped, device_ids=[device.index] if device.type == "cuda" else None)
+
+    pos, val_history, best, skipped = Position(), [], None, 0
+    resumed_from, replay = None, []
+    if saved_state is not None:
+        frozen = {k: v for k, v in model.state_dict().items() if k in FROZEN_BUFFERS}
+        model.load_state_dict({**saved_state["model"], **frozen})
+        optimizer.load_state_dict(saved_state["optimizer"])
+        scheduler.load_state_dict(saved_state["scheduler"])
+        if saved_state["scaler"]:
+            scaler.load_state_dict(saved_state["scaler"])
+        pos = Position(saved_state["step"], saved_state["epoch"], saved_state["position"])
+        val_history, best = list(saved_state["val_history"]), saved_state.get("best")
+        skipped = saved_state.get("skipped_steps", 0)
+        set_rng_state(saved_state["rng"])
+        resumed_from = pos.step
+        replay = saved_state.get("committed_rows", [])
+        if lineage["effective_batch"] != effective_batch(tc, env):
+            pos.micro = apply_batch_change(lineage, tc, env, pos, saved_state, data, hooks)
+        del saved_state
+    hooks.on_start({"lineage": lineage, "resumed_from": resumed_from, "total_steps": total_steps,
+                    "device": str(device), "amp": str(dtype) if dtype else "fp32", "world": env.world,
+                    "trainable_params": sum(p.numel() for p in model.parameters()), "data": data.info})
+    if replay:
+        hooks.on_commit(replay)  # the layer above drops what it already logged
     pending: list[tuple[int, dict]] = []
     last_saved: Path | None = resume_path
+    gate_failure: str | None = None
+    last_save_time = time.monotonic()
+    writer = AsyncCheckpointWriter(background=tc.async_save)
 
-    def save(reason: str) -> Path:
-        nonlocal last_saved
-        if model_base_rows_hash(model) != lineage["base_rows_sha256"]:
+    def save(reason: str) -> None:
+        nonlocal last_saved, last_save_time
+        last_save_time = time.monotonic()
+        if not env.main:
+            return
+        base_intact = model_base_rows_hash(model) == lineage["base_rows_sha256"]
+        if not base_intact and tc.freeze == "split":
             raise FidelError(tc.base_checkpoint, "base rows differ from the base checkpoint at save: refusing to save")
         state = {
             "model": trainable_state(model), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "step": step, "epoch": epoch, "position": position, "rng": rng_state(), "lineage": lineage,
-            "val_history": val_history, "train_config": tc.to_dict(),
+            "step": pos.step, "epoch": pos.epoch, "position": pos.micro, "accumulation_counter": 0,
+            "rng": rng_state(), "lineage": lineage, "val_history": val_history, "best": best,
+            "skipped_steps": skipped, "train_config": tc.to_dict(),
+            "committed_rows": list(pending),  # replayed on resume in case a kill fell between save and commit
         }
-        sidecar = {"epoch": epoch, "sampler": {"epoch": epoch, "position": position, "seed": tc.seed},
+        sidecar = {"epoch": pos.epoch, "sampler": {"epoch": pos.epoch, "position": pos.micro, "seed": tc.seed},
                    "lineage_id": lineage["id"], "base_rows_sha256": lineage["base_rows_sha256"],
                    "tokenizer_sha256": lineage["tokenizer_sha256"], "config_sha256": lineage["config_sha256"],
                    "freeze": lineage["freeze"], "init": lineage["init"], "reason": reason,
-                   "mlflow_run_id": lineage["mlflow_run_id"], "total_steps": total_steps,
+                   "base_rows_intact": base_intact, "mlflow_run_id": lineage["mlflow_run_id"],
+                   "total_steps": total_steps, "schedule_total_steps": schedule_total,
                    "metrics": val_history[-1] if val_history else {}}
-        saved = save_checkpoint(out, step, state, sidecar)
-        prune_checkpoints(out, tc.keep_last)
-        hooks.on_commit(list(pending))
+        keep = {Path(best["path"])} if best and tc.keep_best else set()
+        rows = list(pending)
         pending.clear()
-        hooks.on_checkpoint(saved.path, saved.sidecar)
-        last_saved = saved.path
-        return saved.path
 
-    def validate() -> dict:
-        metrics = evaluate(model, val_loader, device, dtype)
-        val_history.append({"step": step, **metrics})
-        pending.append((step, metrics))
-        return metrics
+        def durable(saved) -> None:  # runs on this thread once the write is on disk: metrics commit with it
+            nonlocal last_saved
+            prune_checkpoints(out, tc.keep_last, keep)
+            hooks.on_commit(rows)
+            hooks.on_checkpoint(saved.path, saved.sidecar)
+            last_saved = saved.path
+
+        writer.submit(out, pos.step, state, sidecar, on_done=durable)
+
+    def validate() -> bool:
+        """Returns True when this is the best validation so far (worth keeping a checkpoint of)."""
+        nonlocal best
+        nonlocal gate_failure
+        metrics = evaluate(model, data.val_set, data.val_batches, device, dtype, env)
+        val_history.append({"step": pos.step, **metrics})
+        pending.append((pos.step, metrics))
+        gate_failure = hooks.on_validation(pos.step, metrics, val_history, model) if env.main else None
+        loss = tc.text_loss_weight * metrics["val_text_loss"] + tc.mel_loss_weight * metrics["val_mel_loss"]
+        if best is None or loss < best["loss"]:
+            best = {"step": pos.step, "loss": loss, "path": str(out / f"ckpt-step{pos.step:08d}.pt")}
+            return True
+        return False
 
     model.train()
-    window, last_train = MetricWindow(), {}
+    window, last_train = MetricWindow(device), {}
     status, reason = "completed", ""
-    if step == 0 and not val_history:
+    if pos.step == 0 and not val_history:
         validate()  # the start point "validation improves" compares against
+        if any_rank(gate_failure is not None, env, device):  # a gate failed before any step: stop at once
+            status, reason = "failed", gate_failure or "a gate failed on another rank"
     started = time.monotonic()
-    with StopRequest() as stop:
-        while step < total_steps and status == "completed":
-            batches = sampler.epoch_batches(epoch)
-            loader = torch.utils.data.DataLoader(
-                train_set, batch_sampler=batches[position:], collate_fn=collate, num_workers=tc.num_workers,
-                generator=torch.Generator())  # its own generator: making a loader must not draw from the global RNG
-            for batch in loader:
-                status, reason = train_step(model, batch, tc, device, dtype, scaler, window)
-                position += 1
+    steps_at_start = pos.step
+    with StopRequest() as stop, writer_drained(writer):
+        while pos.step < total_steps and status == "completed":
+            plan = data.sampler.epoch_batches(pos.epoch)
+            mine = list(rank_micro_batches(plan, pos.micro, group, accum, env))
+            loader = iter(torch.utils.data.DataLoader(
+                data.train_set, batch_sampler=[ids for _, ids in mine], collate_fn=collate,
+                num_workers=tc.num_workers, pin_memory=device.type == "cuda",
+                generator=torch.Generator()))  # its own generator: making a loader must not draw from the global RNG
+            for first in range(0, len(mine), accum):
+                micro = [(mine[first + a][0], next(loader)) for a in range(accum)]
+                status, reason = accumulate(wrapped, micro, tc, pos.epoch, device, dtype, scaler, window, env)
                 if status != "completed":
                     break
-                if position % tc.grad_accumulation:
-                    continue
+                scale_before = scaler.get_scale() if scaler.is_enabled() else 0.0
                 grad_norm = optimizer_step(model, optimizer, scheduler, scaler, tc)
-                step += 1
-                if step % tc.log_interval == 0 or step == total_steps:
-                    last_train = {**window.result("train_"), "lr": scheduler.get_last_lr()[1],
-                                  "grad_norm": grad_norm, "epoch": epoch + position / len(batches),
-                                  "steps_per_s": step / max(1e-9, time.monotonic() - started)}
-                    pending.append((step, last_train))
-                    window = MetricWindow()
-                    hooks.on_progress(step, total_steps, last_train)
-                if step % val_every == 0 or step == total_steps:
-                    validate()
-                if step % tc.save_interval == 0 or step == total_steps or stop.requested:
-                    save("signal" if stop.requested else "interval")
-                if stop.requested:
-                    status, reason = "preempted", f"stopped by signal {stop.signal}; saved at step {step}"
+                if scaler.is_enabled() and scaler.get_scale() < scale_before:
+                    skipped += 1
+                pos.step += 1
+                pos.micro += group
+                writer.poll()
+                if pos.step % tc.log_interval == 0 or pos.step == total_steps:
+                    last_train = {**window.result("train_", env), "lr": scheduler.get_last_lr()[1],
+                                  "grad_norm": float(grad_norm), "epoch": pos.epoch + pos.micro / max(1, len(plan)),
+                                  "skipped_steps": skipped,
+                                  "steps_per_s": (pos.step - steps_at_start) / max(1e-9, time.monotonic() - started)}
+                    pending.append((pos.step, last_train))
+                    window = MetricWindow(device)
+                    hooks.on_progress(pos.step, total_steps, last_train)
+                is_best = (pos.step % val_every == 0 or pos.step == total_steps) and validate()
+                gate_stop = any_rank(gate_failure is not None, env, device)
+                stopping = any_rank(stop.requested, env, device) or gate_stop
+                overdue = tc.save_minutes and time.monotonic() - last_save_time >= tc.save_minutes * 60
+                if (pos.step % tc.save_interval == 0 or pos.step == total_steps or stopping
+                        or (is_best and tc.keep_best) or any_rank(bool(overdue), env, device)):
+                    save("gate" if gate_stop else "signal" if stopping else "interval")
+                if gate_stop:
+                    status, reason = "failed", gate_failure or "a gate failed on another rank"
                     break
-                if step >= total_steps:
+                if stopping:
+                    status, reason = "preempted", f"stopped by signal {stop.signal}; saved at step {pos.step}"
+                    break
+                if pos.step >= total_steps:
                     break
             else:
-                epoch, position = epoch + 1, 0
+                pos.epoch, pos.micro = pos.epoch + 1, 0
     if status == "failed" and pending:
         hooks.on_commit(list(pending))  # keep the evidence of the failure; no checkpoint of a broken state
-    return TrainResult(status, step, total_steps, last_saved, lineage, val_history, last_train, reason, resumed_from)
+    return TrainResult(status, pos.step, total_steps, last_saved, lineage, val_history, last_train, reason,
+                       resumed_from, time.monotonic() - started, skipped)
 
 
-def train_step(model, batch: Batch, tc: TrainConfig, device, dtype, scaler, window: MetricWindow):
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        sums = model.loss_sums(batch.to(device, non_blocking=True))
-    text_loss, mel_loss = sums.losses()
-    loss = (tc.text_loss_weight * text_loss + tc.mel_loss_weight * mel_loss) / tc.grad_accumulation
-    if not torch.isfinite(loss):
-        return "failed", f"non-finite loss (text {text_loss.item():.4g}, mel {mel_loss.item():.4g})"
-    scaler.scale(loss).backward()
-    window.add(sums)
+@contextmanager
+def writer_drained(writer: AsyncCheckpointWriter):
+    """Leave the loop (normally, on a stop or on an error) only once the checkpoint in flight is durable."""
+    try:
+        yield writer
+    finally:
+        writer.wait()
+
+
+def accumulate(wrapped, micro: list[tuple[int, Batch]], tc: TrainConfig, epoch: int, device, dtype, scaler,
+               window: MetricWindow, env: Dist) -> tuple[str, str]:
+    """Forward and backward over one step's micro-batches on this rank, loss normalised over the global step."""
+    counts = torch.tensor([float(sum((b.text_lengths + 1).sum() for _, b in micro)),
+                           float(sum((b.code_lengths + 1).sum() for _, b in micro))], dtype=torch.float64)
+    text_tokens, mel_tokens = all_reduce_sum(counts.to(device), env).tolist()
+    for i, (index, batch) in enumerate(micro):
+        torch.manual_seed(micro_seed(tc.seed, epoch, index))
+        last = i == len(micro) - 1
+        with wrapped.no_sync() if env.enabled and not last else nullcontext():
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                sums = wrapped(batch.to(device, non_blocking=True))
+            # DDP averages gradients over ranks; × world turns that average back into the global sum
+            loss = (tc.text_loss_weight * sums.text_ce / text_tokens
+                    + tc.mel_loss_weight * sums.mel_ce / mel_tokens) * env.world
+            if any_rank(not bool(torch.isfinite(loss)), env, device):
+                text_loss, mel_loss = sums.losses()
+                return "failed", f"non-finite loss (text {text_loss.item():.4g}, mel {mel_loss.item():.4g})"
+            scaler.scale(loss).backward()
+        window.add(sums)
     return "completed", ""
 
 
-def optimizer_step(model, optimizer, scheduler, scaler, tc: TrainConfig) -> float:
+def optimizer_step(model, optimizer, scheduler, scaler, tc: TrainConfig) -> torch.Tensor:
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
-    return float(grad_norm)
+    return grad_norm
+
+
+def apply_batch_change(lineage: dict, tc: TrainConfig, env: Dist, pos: Position, saved_state: dict, data,
+                       hooks: TrainHooks) -> int:
+    """A resume with another effective batch (another GPU, say): allowed, warned, and written into the lineage."""
+    old, new = lineage["effective_batch"], effective_batch(tc, env)
+    old_tc = saved_state["train_config"]
+    from trainer.data import BucketBatchSampler
+
+    old_plan_len = len(BucketBatchSampler(*data.train_set.lengths(), old["batch_size"],
+                                          seed=old_tc["seed"]).epoch_batches(pos.epoch))
+    new_plan_len = len(data.sampler.epoch_batches(pos.epoch))
+    micro = convert_position(pos.micro, old_plan_len, new_plan_len, new["world"] * new["grad_accumulation"])
+    rule = ("LR schedule kept in optimizer steps (schedule_total_steps unchanged); learning rate unchanged; "
+            f"position in epoch {pos.epoch} converted by share: micro-batch {pos.micro}/{old_plan_len} → "
+            f"{micro}/{new_plan_len}")
+    lineage["batch_changes"] = [*lineage.get("batch_changes", []),
+                                {"step": pos.step, "from": old, "to": new, "rule": rule}]
+    lineage["effective_batch"] = new
+    hooks.on_warning(f"effective batch changed at step {pos.step}: {old} → {new}; {rule}")
+    return micro

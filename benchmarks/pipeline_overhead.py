@@ -1,0 +1,70 @@
+"""What the Prefect flow and MLflow tracking cost: the same training through `fidel run`'s flow and through the
+bare training loop, interleaved in one process, as a ratio of training throughput.
+
+    .venv/bin/python benchmarks/pipeline_overhead.py [--steps 150] [--repeats 2]
+
+Throughput is optimizer steps per second of the training stage itself (the loop's wall time, saves, validation
+and metric logging included); the flow's fixed start-up (temporary Prefect server, data checks, tokenizer
+verification) is printed separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        os.environ["PREFECT_HOME"] = str(tmp / "prefect")
+        from flows.finetune import finetune
+        from trainer.synthetic import make_tiny_project
+        from trainer.train import TrainConfig, train
+
+        project = make_tiny_project(tmp / "project", n_train=160, n_val=32, dim=128, layers=4)
+        train_settings = {"max_steps": args.steps, "batch_size": 8, "learning_rate": 1e-3, "warmup_steps": 10,
+                          "log_interval": 10, "val_interval": 50, "save_interval": 50}
+        common = {"tokenizer": str(project.tokenizer), "config": str(project.base_config),
+                  "base_checkpoint": str(project.base_checkpoint)}
+        bare_rates, flow_rates, flow_walls = [], [], []
+        for repeat in range(args.repeats):
+            out = tmp / f"bare{repeat}"
+            tc = TrainConfig(train_manifests=[str(project.train_manifest)], val_manifests=[str(project.val_manifest)],
+                             output_dir=str(out), **common, **train_settings)
+            result = train(tc)
+            bare_rates.append(result.step / result.wall_seconds)
+
+            started = time.monotonic()
+            summary = finetune(settings={
+                "train_manifests": [str(project.train_manifest)], "val_manifests": [str(project.val_manifest)],
+                "base_tokenizer": str(project.base_tokenizer), "output_dir": str(tmp / f"flow{repeat}"),
+                "tracking_uri": f"sqlite:///{tmp}/mlruns{repeat}/mlflow.db", "train": train_settings, **common})
+            flow_walls.append(time.monotonic() - started)
+            flow_rates.append(summary["step"] / summary["train_seconds"])
+            shutil.rmtree(out, ignore_errors=True)
+            print(f"repeat {repeat}: bare {bare_rates[-1]:.2f} steps/s, flow {flow_rates[-1]:.2f} steps/s "
+                  f"(flow wall {flow_walls[-1]:.1f} s for {args.steps} steps)")
+        bare, flow = max(bare_rates), max(flow_rates)
+        print(f"\ntraining throughput, best of {args.repeats}: bare {bare:.2f} steps/s, flow {flow:.2f} steps/s")
+        print(f"flow / bare = {flow / bare:.3f}  (goal ≥ 0.97)")
+        print(f"flow fixed cost outside training: {min(flow_walls) - args.steps / flow:.1f} s per run")
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

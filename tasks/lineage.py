@@ -1,0 +1,80 @@
+"""The state of a lineage in its output dir: finished or not, and how often it was resumed (crash-loop guard).
+
+A scheduled deployment re-runs the flow every few minutes, so the flow must tell "done", "resume it" and
+"this keeps dying" apart from the files alone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.report import StageFailed
+from tasks.tracking import RUN_FILE
+from trainer.checkpoint import atomic_write_json, list_checkpoints
+from trainer.export import read_export_record
+
+FINISHED_FILE = "finished.json"
+ATTEMPTS_FILE = "resume_attempts.json"
+
+
+class CrashLoop(StageFailed):
+    """The lineage was resumed too often in too little time: something kills it on every try."""
+
+
+def started(output_dir: Path) -> bool:
+    """A lineage began here: its MLflow run was opened or a checkpoint was written."""
+    return (output_dir / RUN_FILE).is_file() or bool(list_checkpoints(output_dir))
+
+
+def read_finished(output_dir: Path) -> dict | None:
+    """The final record when the lineage finished and its export is still there; else None."""
+    path = output_dir / FINISHED_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text(encoding="utf-8"))
+    if read_export_record(record.get("export_dir", "")) is None:
+        return None  # the export was removed: run the gates (and export) again
+    return record
+
+
+def write_finished(output_dir: Path, record: dict) -> None:
+    atomic_write_json(output_dir / FINISHED_FILE, record)
+
+
+@dataclass
+class Attempt:
+    at: float
+    flow_run_id: str | None
+    pid: int
+    host: str
+
+
+def read_attempts(output_dir: Path) -> list[Attempt]:
+    path = output_dir / ATTEMPTS_FILE
+    if not path.is_file():
+        return []
+    return [Attempt(**a) for a in json.loads(path.read_text(encoding="utf-8"))["attempts"]]
+
+
+def recent(attempts: list[Attempt], now: float, window_minutes: float) -> list[Attempt]:
+    return [a for a in attempts if now - a.at <= window_minutes * 60]
+
+
+def record_attempt(output_dir: Path, attempt: Attempt, max_attempts: int, window_minutes: float) -> int:
+    """Count one more resume of this lineage; refuse (CrashLoop) the one past max_attempts in the window.
+
+    Returns the lineage's resume count including this attempt."""
+    attempts = read_attempts(output_dir)
+    within = recent(attempts, attempt.at, window_minutes)
+    if len(within) >= max_attempts:
+        first = time.strftime("%H:%M:%S", time.localtime(within[0].at))
+        raise CrashLoop(f"crash loop: {len(within)} resume attempts of this lineage in the last {window_minutes:g} "
+                        f"min (first at {first}, limit {max_attempts}); not resuming again. Inspect "
+                        f"{output_dir}/reports and the last flow runs' logs, then delete {ATTEMPTS_FILE} there "
+                        "(or raise max_resume_attempts) to try again")
+    attempts.append(attempt)
+    atomic_write_json(output_dir / ATTEMPTS_FILE, {"attempts": [vars(a) for a in attempts]})
+    return len(attempts)

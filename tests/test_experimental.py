@@ -1,0 +1,68 @@
+"""The experimental policy on a real broken community checkpoint: backup with checksum, base rows restored,
+their moments zeroed, a resume into a new dir, and the text-loss gate aborting a run that misses its bound."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer.checkpoint import file_sha256
+from trainer.community_run import community_run
+from trainer.experimental import backup_checkpoint, experimental_resume, repair_community_state
+from trainer.weights import torch_load, upstream_keys_of
+
+
+@pytest.fixture(scope="module")
+def broken(tiny_project_template, tmp_path_factory):
+    p = tiny_project_template
+    return community_run(p.base_checkpoint, p.base_config, p.tokenizer, p.train_manifest,
+                         tmp_path_factory.mktemp("broken"), steps=2, freeze="none", weight_decay=0.01)[-1]
+
+
+def test_repair_restores_base_rows_and_zeroes_their_moments(tiny_project_template, broken):
+    base = upstream_keys_of(torch_load(tiny_project_template.base_checkpoint), "base")
+    b = base["text_embedding.weight"].shape[0] - 1
+    raw = torch_load(broken)
+    repaired, record = repair_community_state(raw, base, b)
+    assert record["rows_restored"]["text_embedding.weight"] == b
+    assert 0 < record["moments_zeroed"]["text_embedding.weight.exp_avg"] <= b  # base tokens seen in the data
+    assert record["moments_zeroed"]["text_head.weight.exp_avg"] == b  # every logit row gets a gradient
+    for key in ("text_embedding.weight", "text_head.weight", "text_head.bias"):
+        assert torch.equal(repaired["model"][key][:b], base[key][:b])
+        assert torch.equal(repaired["model"][key][b:], raw["model"][key][b:])  # new rows kept
+    moments = repaired["optimizer"]["state"][0]  # id 0: text_embedding.weight
+    assert not moments["exp_avg"][:b].any() and moments["exp_avg"][b:].any()
+    assert raw["model"]["text_embedding.weight"][:b].ne(base["text_embedding.weight"][:b]).any()  # input untouched
+
+
+def test_backup_has_a_checksum_and_is_never_overwritten(broken, tmp_path):
+    saved = backup_checkpoint(broken, tmp_path)
+    assert saved.sha256 == file_sha256(broken) == file_sha256(saved.path)
+    assert (tmp_path / f"{broken.name}.sha256").read_text().split()[0] == saved.sha256
+    saved.path.write_bytes(b"other")
+    from trainer.errors import FidelError
+
+    with pytest.raises(FidelError, match="not overwritten"):
+        backup_checkpoint(broken, tmp_path)
+
+
+@pytest.mark.slow
+def test_text_loss_gate_aborts_an_experimental_resume(tiny_project, broken, make_train_config, mlflow_uri,
+                                                      tmp_path):
+    from tasks.gates import gate_tagger
+    from tasks.tracking import open_run
+
+    out = tmp_path / "experimental"
+    tracker = open_run(out, mlflow_uri)
+    before = file_sha256(broken)
+    tc = make_train_config(tiny_project, out, max_steps=8, val_interval=1, save_interval=100)
+    run = experimental_resume(broken, tc, text_loss_threshold=0.01, within_steps=2, on_gates=gate_tagger(tracker))
+    assert run.gate["by_step"] == 4
+    assert run.result.status == "failed" and run.result.step == 4 and "text_loss" in run.result.reason
+    assert run.result.resumed_from == 2
+    tags = tracker.tags()
+    assert tags["gate.text_loss"] == "FAIL" and tags["gates"] == "FAIL" and "step 4" in tags["gates.failed"]
+    assert tags["gate.base_intact"] == "PASS"
+    assert file_sha256(broken) == before and (out / "backup" / broken.name).is_file()
+    saved = torch_load(run.result.checkpoint)  # the failed run saved where it stopped
+    assert saved["step"] == 4 and saved["lineage"]["imported"]["policy"] == "experimental"

@@ -1,0 +1,149 @@
+"""`fidel export`: a plain state_dict with upstream's key set, order and shapes (text rows N+1), next to the
+tokenizer and a config with number_text_tokens updated; base rows and pass-through tensors byte-identical to
+the base file; optional fp16; nothing overwritten; drifted or foreign bases refused."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from flows.cli import main as fidel
+from trainer.checkpoint import list_checkpoints
+from trainer.config import gpt_config_from_dict, load_gpt_config, read_config_yaml
+from trainer.errors import FidelError
+from trainer.export import export_model
+from trainer.layout_fixture import SMALL_CONDITIONING, write_layout_fixture
+from trainer.model import SPLIT_KEYS, UnifiedVoiceGPT, load_upstream_state_dict, upstream_state_dict
+from trainer.synthetic import tiny_config_dict
+from trainer.tokenizer import load_tokenizer
+from trainer.train import train
+from trainer.weights import read_state_dict, same_bytes, upstream_layout
+
+
+@pytest.fixture
+def full_layout_project(tiny_project, tmp_path):
+    """The tiny project with a base that has upstream's whole layout (conditioning encoders included)."""
+    base_size = load_tokenizer(tiny_project.base_tokenizer).get_piece_size()
+    gpt = {**tiny_config_dict(base_size)["gpt"], **SMALL_CONDITIONING}
+    fixture = write_layout_fixture(tmp_path / "base", gpt, seed=1)
+    return tiny_project, fixture, gpt
+
+
+def trained(project, fixture, make_train_config, out: Path, **overrides) -> Path:
+    settings = dict(base_checkpoint=str(fixture.checkpoint), config=str(fixture.config), max_steps=4,
+                    save_interval=4, val_interval=4, weight_decay=0.1)
+    result = train(make_train_config(project, out, **{**settings, **overrides}))
+    assert result.status == "completed", result.reason
+    return list_checkpoints(out)[0]
+
+
+def test_export_is_upstreams_layout_with_the_base_bytes_kept(full_layout_project, make_train_config, tmp_path,
+                                                              capsys):
+    project, fixture, gpt = full_layout_project
+    checkpoint = trained(project, fixture, make_train_config, tmp_path / "run")
+    out = tmp_path / "export"
+    assert fidel(["export", str(checkpoint), "--out", str(out)]) == 0
+    record = json.loads(capsys.readouterr().out)
+
+    exported = torch.load(out / "gpt.pth", weights_only=True)  # a plain state_dict of tensors
+    base = torch.load(fixture.checkpoint, weights_only=True)
+    pieces = load_tokenizer(project.tokenizer).get_piece_size()
+    cfg = gpt_config_from_dict(gpt).with_text_tokens(pieces)
+    assert [(k, tuple(v.shape)) for k, v in exported.items()] == list(upstream_layout(cfg, gpt).items())
+    assert list(exported) == list(base)
+    b = len(base["text_embedding.weight"]) - 1
+    for key, value in exported.items():
+        assert value.dtype == torch.float32
+        if key in SPLIT_KEYS:
+            assert value.shape[0] == pieces + 1
+            assert same_bytes(value[:b], base[key][:b])
+            assert not torch.equal(value[b:b + 1], base[key][b:b + 1])  # row B re-initialised, then trained
+        elif not key.startswith(("gpt.", "mel_", "text_", "final_norm", "speed_emb")):
+            assert same_bytes(value, base[key]), key  # conditioning and emotion projections pass through
+    assert not torch.equal(exported["gpt.h.0.attn.c_attn.weight"], base["gpt.h.0.attn.c_attn.weight"])
+
+    config = read_config_yaml(out / "config.yaml")
+    assert config["gpt"] == {**gpt, "number_text_tokens": pieces}
+    assert {k: v for k, v in config.items() if k != "gpt"} == {
+        k: v for k, v in read_config_yaml(fixture.config).items() if k != "gpt"}
+    assert (out / "bpe.model").read_bytes() == Path(project.tokenizer).read_bytes()
+    assert record["number_text_tokens"] == pieces and record["keys"] == len(base) and record["dtype"] == "float32"
+    assert "byte-identical" in record["checked"] and record["init"]["method"] == "mean"
+
+    model = UnifiedVoiceGPT(load_gpt_config(out / "config.yaml").with_text_tokens(pieces), base_rows=b)
+    load_upstream_state_dict(model, {k: v for k, v in exported.items() if k in upstream_state_dict(model)})
+
+
+def test_fp16_export_halves_every_tensor(full_layout_project, make_train_config, tmp_path):
+    project, fixture, _ = full_layout_project
+    checkpoint = trained(project, fixture, make_train_config, tmp_path / "run")
+    full = export_model(checkpoint, tmp_path / "fp32")
+    half = export_model(checkpoint, tmp_path / "fp16", fp16=True)
+    a, b = read_state_dict(full.gpt), read_state_dict(half.gpt)
+    assert list(a) == list(b) and all(v.dtype == torch.float16 for v in b.values())
+    assert all(torch.equal(a[k].half(), b[k]) for k in a)
+    assert half.record["dtype"] == "float16" and half.gpt.stat().st_size < 0.6 * full.gpt.stat().st_size
+
+
+def test_export_never_overwrites(full_layout_project, make_train_config, tmp_path):
+    project, fixture, _ = full_layout_project
+    checkpoint = trained(project, fixture, make_train_config, tmp_path / "run")
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "config.yaml").write_text("mine")
+    with pytest.raises(FidelError, match="already holds config.yaml"):
+        export_model(checkpoint, out)
+    assert (out / "config.yaml").read_text() == "mine" and not (out / "gpt.pth").exists()
+
+
+def test_a_moved_base_is_found_and_a_different_base_refused(full_layout_project, make_train_config, tmp_path):
+    project, fixture, gpt = full_layout_project
+    checkpoint = trained(project, fixture, make_train_config, tmp_path / "run")
+    moved = tmp_path / "moved.pth"
+    fixture.checkpoint.rename(moved)
+    with pytest.raises(FidelError, match="checkpoint not found"):
+        export_model(checkpoint, tmp_path / "a")
+    assert export_model(checkpoint, tmp_path / "b", base_checkpoint=moved).record["base_checkpoint"] == str(moved)
+    other = write_layout_fixture(tmp_path / "other", gpt, seed=2)
+    with pytest.raises(FidelError, match="not its base"):
+        export_model(checkpoint, tmp_path / "c", base_checkpoint=other.checkpoint)
+
+
+def test_hooks_mode_drifts_so_its_export_is_refused(full_layout_project, make_train_config, tmp_path):
+    project, fixture, _ = full_layout_project
+    checkpoint = trained(project, fixture, make_train_config, tmp_path / "run", freeze="hooks")
+    sidecar = json.loads(checkpoint.with_suffix(".json").read_text())
+    assert sidecar["freeze"] == "hooks" and sidecar["base_rows_intact"] is False
+    with pytest.raises(FidelError, match="drifted .*--freeze hooks"):
+        export_model(checkpoint, tmp_path / "export")
+    assert not (tmp_path / "export" / "gpt.pth").exists()
+
+
+def test_train_cli_passes_freeze_duration_control_and_init(monkeypatch, tmp_path):
+    import trainer.train as train_module
+
+    seen = {}
+
+    def fake_train(tc, hooks=None):
+        seen["tc"] = tc
+        return train_module.TrainResult("completed", 0, 0, None, {})
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    assert fidel(["train", "--train-manifest", "t.jsonl", "--val-manifest", "v.jsonl", "--output-dir",
+                  str(tmp_path), "--freeze", "hooks", "--duration-control", "--init", "subtoken"]) == 0
+    tc = seen["tc"]
+    assert (tc.freeze, tc.duration_control, tc.init) == ("hooks", True, "subtoken")
+    with pytest.raises(SystemExit):
+        fidel(["train", "--train-manifest", "t", "--val-manifest", "v", "--init", "zeros"])
+
+
+def test_a_from_scratch_model_exports_its_training_path(tiny_project, make_train_config, tmp_path):
+    """The demo's base is trained from scratch: its export is upstream's training-path keys, N+1 text rows."""
+    train(make_train_config(tiny_project, tmp_path / "run", base_checkpoint=None, max_steps=2, save_interval=2))
+    exported = export_model(list_checkpoints(tmp_path / "run")[0], tmp_path / "export", fp16=True)
+    state = read_state_dict(exported.gpt)
+    pieces = load_tokenizer(tiny_project.tokenizer).get_piece_size()
+    cfg = load_gpt_config(tiny_project.base_config).with_text_tokens(pieces)
+    assert [(k, tuple(v.shape)) for k, v in state.items()] == list(upstream_layout(cfg).items())
+    assert all(v.dtype == torch.float16 for v in state.values()) and exported.record["base_rows"] == 0

@@ -1,0 +1,198 @@
+"""The experimental policy (the guide's Option B) for a community checkpoint whose base rows drifted:
+
+1. back it up, with its sha256 beside it (and check the copy);
+2. restore rows 0..B-1 of text_embedding / text_head from the base checkpoint;
+3. zero the Adam moments of those rows;
+4. import the repaired state as a fidel checkpoint in a *new* output dir and resume from it, with the
+   text-loss gate armed (text loss < threshold within N steps of the resume, else abort).
+
+The imported run keeps the community run's step count, weights and Adam moments (new rows and backbone). Its
+LR schedule restarts with warmup: the community scheduler had decayed, and its warmup/total are not stored.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from trainer.checkpoint import atomic_write_bytes, file_sha256, rng_state, save_checkpoint
+from trainer.distributed import Dist
+from trainer.errors import FidelError
+from trainer.model import SPLIT_KEYS, is_training_path_key, load_upstream_state_dict
+from trainer.optim import lr_factor, make_optimizer, param_groups
+from trainer.train import (
+    TrainConfig,
+    TrainHooks,
+    TrainResult,
+    build_model,
+    lineage_of,
+    train,
+    trainable_state,
+)
+from trainer.triage import optimizer_param_names
+from trainer.weights import model_base_rows_hash, torch_load, upstream_keys_of
+
+# fidel's split parameters ← rows B..N of the community tensors
+SPLIT_SOURCES = {"text_embedding.new": "text_embedding.weight", "text_head.new_weight": "text_head.weight",
+                 "text_head.new_bias": "text_head.bias"}
+
+
+@dataclass
+class Backup:
+    path: Path
+    sha256: str
+
+
+def backup_checkpoint(path: str | Path, backup_dir: str | Path) -> Backup:
+    """Copy the checkpoint into backup_dir with a `<name>.sha256` file; the copy is checked against the original.
+    An existing backup is kept, never overwritten."""
+    src, folder = Path(path), Path(backup_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    dst = folder / src.name
+    digest = file_sha256(src)
+    if dst.exists():
+        if file_sha256(dst) != digest:
+            raise FidelError(dst, "a different file already has this backup's name: not overwritten")
+    else:
+        atomic_write_bytes(dst, lambda h: shutil.copyfileobj(open(src, "rb"), h))
+    if file_sha256(dst) != digest:
+        raise FidelError(dst, "backup copy does not match the original's sha256")
+    (folder / f"{src.name}.sha256").write_text(f"{digest}  {src.name}\n", encoding="utf-8")
+    return Backup(dst, digest)
+
+
+def repair_community_state(raw: dict, base: dict[str, torch.Tensor], base_rows: int) -> tuple[dict, dict]:
+    """A copy of a community checkpoint dict with base rows restored from the base and their Adam moments zeroed.
+    Returns (repaired, record of what changed)."""
+    repaired = copy.copy(raw)
+    model = dict(raw["model"])
+    record: dict = {"rows_restored": {}, "moments_zeroed": {}}
+    for key in SPLIT_KEYS:
+        current = model[key]
+        changed = int((current[:base_rows] != base[key][:base_rows]).reshape(base_rows, -1).any(1).sum())
+        fixed = current.clone()
+        fixed[:base_rows] = base[key][:base_rows].to(fixed.dtype)
+        model[key] = fixed
+        record["rows_restored"][key] = changed
+    repaired["model"] = model
+    optimizer = raw.get("optimizer")
+    if isinstance(optimizer, dict):
+        mapping = optimizer_param_names(raw["model"], optimizer)
+        state = {i: dict(s) for i, s in optimizer.get("state", {}).items()}
+        for i, name in mapping.items():
+            if name in SPLIT_KEYS and i in state:
+                for moment in ("exp_avg", "exp_avg_sq"):
+                    tensor = state[i][moment].clone()
+                    record["moments_zeroed"][f"{name}.{moment}"] = int(
+                        (tensor[:base_rows] != 0).reshape(base_rows, -1).any(1).sum())
+                    tensor[:base_rows] = 0
+                    state[i][moment] = tensor
+        repaired["optimizer"] = {**optimizer, "state": state}
+    return repaired, record
+
+
+def imported_optimizer_state(model, optimizer: torch.optim.Optimizer, raw: dict, base_rows: int) -> dict:
+    """fidel's optimizer state_dict, its moments taken by name from the community optimizer (new rows: B..N)."""
+    saved = optimizer.state_dict()
+    community = raw.get("optimizer")
+    if not isinstance(community, dict):
+        return saved
+    mapping = optimizer_param_names(raw["model"], community)
+    by_name = {name: community["state"].get(i) for i, name in mapping.items()}
+    ids = {id(p): n for n, p in model.named_parameters()}
+    index, state = 0, {}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            name = ids[id(param)]
+            source = by_name.get(SPLIT_SOURCES.get(name, name))
+            if source and "exp_avg" in source:
+                rows = slice(base_rows, None) if name in SPLIT_SOURCES else slice(None)
+                avg, sq = source["exp_avg"][rows], source["exp_avg_sq"][rows]
+                if avg.shape == param.shape:
+                    state[index] = {"step": torch.as_tensor(source["step"], dtype=torch.float32).clone(),
+                                    "exp_avg": avg.clone().to(param.dtype), "exp_avg_sq": sq.clone().to(param.dtype)}
+            index += 1
+    return {**saved, "state": state}
+
+
+def import_community_checkpoint(raw: dict, tc: TrainConfig, source: str, note: dict | None = None) -> Path:
+    """Write a community checkpoint dict (base rows equal to the base) as a fidel checkpoint at its step in
+    tc.output_dir, so that `train(tc with resume=that path)` continues from it."""
+    out = Path(tc.output_dir)
+    setup = build_model(tc)
+    model = setup.model
+    state = {k: v for k, v in upstream_keys_of(raw, source).items() if is_training_path_key(k)}
+    load_upstream_state_dict(model, state)
+    if model_base_rows_hash(model) != setup.base_hash:
+        raise FidelError(source, "base rows differ from the base checkpoint: repair it first (--policy experimental)")
+    step = int(raw.get("step") or 0)
+    if tc.max_steps is None or tc.max_steps <= step:
+        raise FidelError(source, f"checkpoint is at step {step}: give --max-steps beyond it")
+    schedule_total = tc.max_steps - step  # the schedule restarts from warmup over the steps still to run
+    lineage = lineage_of(tc, setup, Dist(), schedule_total)
+    lineage["imported"] = {"from": str(source), "step": step, **(note or {})}
+    optimizer = make_optimizer(param_groups(model, tc.learning_rate, tc.new_rows_lr, tc.weight_decay),
+                               torch.device("cpu"))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, tc.warmup_steps, schedule_total, tc.min_lr_ratio))
+    opt_state = imported_optimizer_state(model, optimizer, raw, setup.base_rows)
+    for group, saved_group in zip(optimizer.param_groups, opt_state["param_groups"], strict=True):
+        saved_group["lr"] = group["lr"]
+    sidecar = {"epoch": 0, "sampler": {"epoch": 0, "position": 0, "seed": tc.seed}, "lineage_id": lineage["id"],
+               "base_rows_sha256": lineage["base_rows_sha256"], "tokenizer_sha256": lineage["tokenizer_sha256"],
+               "config_sha256": lineage["config_sha256"], "freeze": lineage["freeze"], "init": None,
+               "reason": "imported", "base_rows_intact": True, "mlflow_run_id": tc.mlflow_run_id,
+               "total_steps": tc.max_steps, "schedule_total_steps": schedule_total, "metrics": {},
+               "imported": lineage["imported"]}
+    full = {"model": trainable_state(model), "optimizer": opt_state, "scheduler": scheduler.state_dict(),
+            "scaler": None, "step": step, "epoch": 0, "position": 0, "accumulation_counter": 0, "rng": rng_state(),
+            "lineage": lineage, "val_history": [], "best": None, "skipped_steps": 0, "train_config": tc.to_dict()}
+    return save_checkpoint(out, step, full, sidecar).path
+
+
+@dataclass
+class ExperimentalRun:
+    backup: Backup
+    repair: dict
+    imported: Path
+    gate: dict
+    result: TrainResult
+
+
+def experimental_resume(checkpoint: str | Path, tc: TrainConfig, text_loss_threshold: float = 3.0,
+                        within_steps: int = 5000, hooks: TrainHooks | None = None,
+                        on_gates: Callable[[int, list], None] = lambda step, results: None,
+                        backup_dir: str | Path | None = None) -> ExperimentalRun:
+    """Option B: backup, restore base rows, zero their moments, resume into tc.output_dir (which must hold no
+    checkpoint) with the validation gates and the text-loss gate armed; on_gates sees every gate result."""
+    from trainer.gates import GateConfig, validation_hook
+    from trainer.train import resolve_resume
+
+    path = Path(checkpoint)
+    out = Path(tc.output_dir)
+    resolve_resume(replace(tc, resume=None))  # refuses an output dir that already holds checkpoints
+    if tc.base_checkpoint is None:
+        raise FidelError(None, "the experimental policy needs --base-checkpoint (base rows come from it)")
+    backup = backup_checkpoint(path, Path(backup_dir) if backup_dir else out / "backup")
+    raw = torch_load(backup.path)
+    if not isinstance(raw, dict) or "model" not in raw:
+        raise FidelError(path, "not a community {model, optimizer, ...} checkpoint")
+    base = upstream_keys_of(torch_load(tc.base_checkpoint), tc.base_checkpoint)
+    base_rows = base["text_embedding.weight"].shape[0] - 1
+    repaired, record = repair_community_state(raw, base, base_rows)
+    gate = {"threshold": text_loss_threshold, "by_step": int(raw.get("step") or 0) + within_steps}
+    imported = import_community_checkpoint(repaired, tc, str(backup.path),
+                                           {"policy": "experimental", "repair": record, "backup_sha256": backup.sha256,
+                                            "text_loss_gate": gate})
+    lineage = torch_load(imported)["lineage"]
+    config = GateConfig(base_rows_sha256=lineage["base_rows_sha256"] if tc.freeze == "split" else None,
+                        text_loss_weight=tc.text_loss_weight, mel_loss_weight=tc.mel_loss_weight,
+                        text_loss_threshold=text_loss_threshold, text_loss_by_step=gate["by_step"])
+    hooks = hooks or TrainHooks()
+    result = train(replace(tc, resume=str(imported)), replace(hooks, on_validation=validation_hook(config, on_gates)))
+    return ExperimentalRun(backup, record, imported, gate, result)

@@ -1,0 +1,96 @@
+"""Greedy decoding of semantic codes with a KV cache, on the training-path model (no HF generate).
+
+The prompt is laid out exactly as `UnifiedVoiceGPT.forward` lays out a batch: the conditioning prefix
+(condition + emotion vector, the duration slot, the free-duration slot), start/text/stop with text positions,
+then the start-mel token. Each new code attends to the cached keys and values of everything before it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from trainer.model import Block, UnifiedVoiceGPT
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Generated:
+    codes: list[int]  # without the stop code
+    stopped: bool  # the stop code was emitted within max_codes
+
+
+def block_step(block: Block, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None):
+    """One block on new positions x [1, t, D], given the cached keys/values of the earlier ones."""
+    b, t, d = x.shape
+    heads = block.attn.heads
+    q, k, v = block.attn.c_attn(block.ln_1(x)).split(d, dim=2)
+    q, k, v = (z.view(b, t, heads, d // heads).transpose(1, 2) for z in (q, k, v))
+    if past is not None:
+        k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+    if past is None or t == 1:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=past is None)
+    else:  # several new positions after a cache: causal over the new ones, all of the past visible
+        offset = k.shape[2] - t
+        mask = torch.arange(k.shape[2], device=x.device)[None, :] <= (offset + torch.arange(t, device=x.device))[:, None]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    x = x + block.attn.c_proj(y.transpose(1, 2).reshape(b, t, d))
+    return x + block.mlp(block.ln_2(x)), (k, v)
+
+
+def backbone_step(model: UnifiedVoiceGPT, x: torch.Tensor, cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:
+    new_cache = []
+    for i, block in enumerate(model.gpt.h):
+        x, kv = block_step(block, x, cache[i] if cache else None)
+        new_cache.append(kv)
+    return model.gpt.ln_f(x), new_cache
+
+
+def prompt_embeddings(model: UnifiedVoiceGPT, text_ids: torch.Tensor, condition: torch.Tensor,
+                      emo_vec: torch.Tensor) -> torch.Tensor:
+    """[1, prefix + T + 2 + 1, D]: prefix, start + text + stop, start-mel at mel position 0."""
+    cfg = model.cfg
+    speed = model.speed_emb.weight
+    # with duration control the target length is unknown here: the free-duration embedding, as at inference
+    duration = speed[0] if model.duration_control else speed[1]
+    prefix = torch.cat([(condition + emo_vec[None, :]), duration[None], speed[0][None]], dim=0)
+    text = torch.cat([torch.tensor([cfg.start_text_token]), text_ids.long().cpu(), torch.tensor([cfg.stop_text_token])])
+    text = text.to(prefix.device)
+    text_emb = model.text_embedding(text) + model.text_pos_embedding(len(text))
+    start = torch.tensor([cfg.start_mel_token], device=prefix.device)
+    mel_emb = model.mel_embedding(start) + model.mel_pos_embedding(1)
+    return torch.cat([prefix.to(text_emb.dtype), text_emb, mel_emb])[None]
+
+
+@torch.no_grad()
+def greedy_codes(model: UnifiedVoiceGPT, text_ids: torch.Tensor, condition: torch.Tensor, emo_vec: torch.Tensor,
+                 max_codes: int, use_cache: bool = True) -> Generated:
+    """Greedy codes until the stop code or max_codes. use_cache=False recomputes the whole sequence each step
+    (the reference the cached path is tested against)."""
+    was_training = model.training
+    model.eval()
+    try:
+        cfg = model.cfg
+        max_codes = min(max_codes, cfg.mel_positions - 2)
+        x = prompt_embeddings(model, text_ids, condition, emo_vec)
+        hidden, cache = backbone_step(model, x, None)
+        codes: list[int] = []
+        while True:
+            logits = model.mel_head(model.final_norm(hidden[:, -1]))
+            code = int(logits.argmax(-1))
+            if code == cfg.stop_mel_token:
+                return Generated(codes, True)
+            codes.append(code)
+            if len(codes) >= max_codes:
+                return Generated(codes, False)
+            step = model.mel_embedding.weight[code] + model.mel_pos_embedding.emb.weight[len(codes)]
+            if use_cache:
+                hidden, cache = backbone_step(model, step[None, None], cache)
+            else:
+                x = torch.cat([x, step[None, None]], dim=1)
+                hidden, _ = backbone_step(model, x, None)
+    finally:
+        model.train(was_training)
