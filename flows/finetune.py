@@ -117,7 +117,7 @@ def run_lineage(spec: RunSpec, lock: OutputDirLock, run_id: str | None, show_pro
     monitor.finish()
     summary = {"status": "completed", "mlflow_run_id": tracker.run_id, "experiment_id": tracker.experiment_id,
                "tracking_uri": spec.tracking_uri, "output_dir": spec.output_dir, "step": result.step,
-               "resume_count": resume_count, "val_history": result.val_history, "last_train": result.last_train,
+               "train_seconds": result.wall_seconds, "resume_count": resume_count, "val_history": result.val_history, "last_train": result.last_train,
                **gates}
     tracker.set_tags({"status": "completed"})
     tracker.finish("FINISHED")

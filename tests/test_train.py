@@ -30,25 +30,69 @@ def test_losses_fall_and_base_rows_stay_bit_identical(tiny_project, make_train_c
 
 
 def test_sigterm_saves_and_resume_is_bit_exact(tiny_project, make_train_config, tmp_path):
-    settings = dict(max_steps=24, grad_accumulation=2, save_interval=100)
-    straight = train(make_train_config(tiny_project, tmp_path / "a", **settings))
+    """40 steps straight vs 17 steps, SIGTERM, resume to 40: bucketed sampler, accumulation 2, dropout on."""
+    settings = dict(max_steps=40, grad_accumulation=2, save_interval=100, log_interval=1)
+    straight_rows, resumed_rows = [], []
+    straight = train(make_train_config(tiny_project, tmp_path / "a", **settings),
+                     TrainHooks(on_commit=straight_rows.extend))
 
     def preempt(step, total, metrics):
-        if step == 10:
+        if step == 17:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    stopped = train(make_train_config(tiny_project, tmp_path / "b", **settings), TrainHooks(on_progress=preempt))
-    assert stopped.status == "preempted" and stopped.step == 10
-    resumed = train(make_train_config(tiny_project, tmp_path / "b", resume="auto", **settings))
-    assert resumed.resumed_from == 10 and resumed.step == 24
+    stopped = train(make_train_config(tiny_project, tmp_path / "b", **settings),
+                    TrainHooks(on_progress=preempt, on_commit=resumed_rows.extend))
+    assert stopped.status == "preempted" and stopped.step == 17
+    resumed = train(make_train_config(tiny_project, tmp_path / "b", resume="auto", **settings),
+                    TrainHooks(on_commit=resumed_rows.extend))
+    assert resumed.resumed_from == 17 and resumed.step == 40
     a, _ = load_checkpoint(straight.checkpoint)
     b, _ = load_checkpoint(resumed.checkpoint)
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a["scheduler"] == b["scheduler"]
     assert straight.val_history == resumed.val_history
 
+    def losses(rows):
+        return {(step, k): v for step, m in rows for k, v in m.items() if k.endswith(("_loss", "_top1"))}
 
-def test_metrics_are_committed_once_per_step_across_a_resume(tiny_project, make_train_config, tmp_path):
+    assert losses(straight_rows) == losses(resumed_rows)
+
+
+def test_resume_with_another_batch_size_warns_and_records_the_rule(tiny_project, make_train_config, tmp_path):
+    warnings = []
+    train(make_train_config(tiny_project, tmp_path / "out", max_steps=10, save_interval=10))
+    result = train(make_train_config(tiny_project, tmp_path / "out", max_steps=20, batch_size=4, resume="auto"),
+                   TrainHooks(on_warning=warnings.append))
+    assert result.status == "completed" and result.step == 20
+    assert len(warnings) == 1 and "effective batch changed at step 10" in warnings[0]
+    change = result.lineage["batch_changes"][0]
+    assert change["from"]["batch_size"] == 8 and change["to"]["batch_size"] == 4 and "schedule" in change["rule"]
+    assert result.lineage["schedule_total_steps"] == 10  # the LR schedule is the lineage's; it never rises again
+
+
+def test_the_best_validation_checkpoint_is_kept(tiny_project, make_train_config, tmp_path, monkeypatch):
+    import trainer.train as train_module
+
+    scores = iter([5.0, 1.0, 4.0, 3.0, 2.0, 6.0, 7.0, 8.0])  # validation at steps 0, 5, 10, …: best at step 5
+    original = train_module.evaluate
+
+    def scripted(*args):
+        metrics = original(*args)
+        return {**metrics, "val_mel_loss": next(scores)}
+
+    monkeypatch.setattr(train_module, "evaluate", scripted)
+    result = train(make_train_config(tiny_project, tmp_path / "out", val_interval=5, save_interval=10, keep_last=1))
+    kept = [p.name for p in list_checkpoints(tmp_path / "out")]
+    assert kept == ["ckpt-step00000030.pt", "ckpt-step00000005.pt"]
+    assert result.status == "completed"
+
+
+def test_a_resume_commits_every_step_and_replays_only_identical_rows(tiny_project, make_train_config, tmp_path):
+    """Rows are committed with their checkpoint; a resume replays the last checkpoint's rows (a kill may have
+    fallen between save and commit), identical, so a logger that drops known (step, metric) pairs stays clean."""
     logged = []
     hooks = TrainHooks(on_commit=logged.extend,
                        on_progress=lambda step, total, m: step == 15 and os.kill(os.getpid(), signal.SIGTERM))
@@ -56,9 +100,11 @@ def test_metrics_are_committed_once_per_step_across_a_resume(tiny_project, make_
     assert train(cfg, hooks).status == "preempted"
     cfg.resume = "auto"
     train(cfg, TrainHooks(on_commit=logged.extend))
-    keys = [(step, key) for step, metrics in logged for key in metrics]
-    assert len(keys) == len(set(keys))
-    assert {step for step, _ in logged} >= {0, 5, 10, 15, 20, 25, 30}
+    seen = {}
+    for step, metrics in logged:
+        for key, value in metrics.items():
+            assert seen.setdefault((step, key), value) == value, (step, key)
+    assert {step for step, _ in seen} >= {0, 5, 10, 15, 20, 25, 30}
 
 
 def test_fresh_run_refuses_an_output_dir_with_checkpoints(tiny_project, make_train_config, tmp_path):
