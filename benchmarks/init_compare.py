@@ -25,7 +25,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from trainer.train import TrainConfig, train  # noqa: E402
 
 METHODS = ("random", "mean", "subtoken")
-CONTEXT_LEVELS = (5.0, 4.5, 4.0, 3.5, 3.0, 2.5, 2.0, 1.5)
+CONTEXT_LEVELS = (8.0, 7.0, 6.0, 5.5, 5.0, 4.75, 4.5)
 
 
 def build_demo(root: Path, quick: bool) -> dict:
@@ -67,7 +67,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="use/build the quick demo corpus (smoke run)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--eval-every", type=int, default=10)
-    parser.add_argument("--threshold", type=float, default=3.0, help="validation text loss to reach")
+    # the demo's Amharic sentences are random word sequences: validation text loss plateaus near 4.5 (the
+    # unpredictable first piece of each word), so 5.0 is the lowest round level every init reaches
+    parser.add_argument("--threshold", type=float, default=5.0, help="validation text loss to reach")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--new-rows-lr", type=float, default=3e-3)

@@ -44,8 +44,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.config import GPTConfig  # noqa: E402
-from trainer.distributed import Dist  # noqa: E402
 from trainer.data import BucketBatchSampler, Example, collate, padding_efficiency, random_batches  # noqa: E402
+from trainer.distributed import Dist  # noqa: E402
 from trainer.model import Batch, UnifiedVoiceGPT, valid_mask  # noqa: E402
 from trainer.optim import make_optimizer, param_groups  # noqa: E402
 from trainer.train import LossModel, MetricWindow, TrainConfig, accumulate, optimizer_step  # noqa: E402
@@ -298,7 +298,7 @@ def summary(records: list[StepRecord], peak: float) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 8 tiny, 32 full")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 4 tiny, 32 full")
     parser.add_argument("--steps", type=int, default=20, help="measured steps of each setup (≥ 20)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--pairs", type=int, default=None, help="synthetic pairs (default 40 × batch size)")
@@ -316,7 +316,7 @@ def main() -> int:
                           "cpu" if args.device == "auto" else args.device)
     amp = args.amp or ("bf16" if device.type == "cuda" else "off")
     dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    batch_size = args.batch_size or (32 if args.size == "full" else 8)
+    batch_size = args.batch_size or (32 if args.size == "full" else 4)
     cfg = gpt_config(args.size)
     pairs = synthetic_pairs(args.pairs or 40 * batch_size, cfg.model_dim, args.seed)
     texts, codes = [len(p.text_ids) for p in pairs], [len(p.codes) for p in pairs]
@@ -336,6 +336,7 @@ def main() -> int:
           f"batch, padding efficiency {padding_efficiency(setups[0].batches, texts, codes):.3f}; baseline random, "
           f"efficiency {padding_efficiency(setups[1].batches, texts, codes):.3f}")
 
+    sys.stdout.flush()
     for i in range(args.warmup):
         for s in setups:
             run_step(s, i, pairs, cfg, device)

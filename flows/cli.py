@@ -130,27 +130,6 @@ def print_summary(summary: dict) -> None:
           f"http://127.0.0.1:5000/#/experiments/{summary['experiment_id']}/runs/{summary['mlflow_run_id']}")
 
 
-def cmd_triage(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from trainer.triage import triage_path
-
-    decision = triage_path(args.path)
-    if args.json:
-        print(json.dumps(decision.to_dict(), indent=2))
-        return 0
-    table = Table(title=f"triage: {args.path}")
-    for column in ("checkpoint", "kind", "step", "valid", "evidence"):
-        table.add_column(column)
-    for c in decision.candidates:
-        table.add_row(Path(c.path).name, c.kind, str(c.step), "yes" if c.valid else "no", c.detail)
-    console = Console()
-    console.print(table)
-    console.print(f"decision: [bold]{decision.action}[/bold]: {decision.reason}")
-    return 0
-
-
 def cmd_export(args) -> int:
     from trainer.export import export_model
 
@@ -183,10 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(sub)
 
-    triage = sub.add_parser("triage", help="inspect checkpoints: fresh, resume or refuse, with the evidence")
-    triage.add_argument("path", help="a fidel output dir or a checkpoint file")
-    triage.add_argument("--json", action="store_true")
-    triage.set_defaults(func=cmd_triage)
+    from flows.cli_triage import add_commands as add_triage_commands
+
+    add_triage_commands(sub)  # triage, experimental-resume
 
     export = sub.add_parser("export", help="write an upstream-loadable gpt.pth, tokenizer and config")
     export.add_argument("checkpoint")

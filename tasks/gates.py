@@ -55,8 +55,17 @@ def evaluation_gates(spec: RunSpec, result: TrainResult, tracker: Tracker | None
         validation_improves(start["val_mel_loss"], end["val_mel_loss"], name="validation_improves_mel"),
         validation_improves(start["val_text_loss"], end["val_text_loss"], name="validation_improves_text"),
     ]
-    publish("gates", report_markdown(results), {"gates": [r.to_dict() for r in results], "export": exported},
+    (learning, smoke), smoke_extra = learning_and_smoke(spec, result)
+    results.append(learning)
+    # the smoke gate is reported and tagged but not enforced: a short run (tests, demo --quick) stops too early
+    publish("gates", report_markdown(results + [smoke]), {"gates": [r.to_dict() for r in results], "export": exported,
+                                                          "inference_smoke": smoke.to_dict(), **smoke_extra},
             spec.output_dir, tracker)
+    logger().info("%s (advisory)", smoke.line())
+    if tracker is not None:
+        tracker.set_tags({f"gate.{smoke.name}": "PASS" if smoke.passed else "FAIL"})
+        if smoke_extra.get("wav"):
+            tracker.log_artifact(smoke_extra["wav"], "smoke")
     for r in results:
         logger().info(r.line())
     passed = all_passed(results)
@@ -103,3 +112,39 @@ def gate_tagger(tracker: Tracker | None):
         tracker.set_tags(tags)
 
     return on_results
+
+
+SMOKE_TEXTS = 4
+
+
+def learning_and_smoke(spec: RunSpec, result: TrainResult, data_dir: str | None = None) -> tuple[list, dict]:
+    """The end-of-run gates that need the model: new rows learning (rows of the new tokens in the train data moved
+    from their replayed init) and the inference smoke (greedy decoding with a KV cache of a few validation texts).
+    For the demo, one decoded sentence is also written as a .wav through the demo codec."""
+    from trainer.data import training_data
+    from trainer.gates import inference_smoke, new_row_ids, new_rows_learning, new_rows_of
+    from trainer.generate import decode_validation, trained_model
+    from trainer.train import build_model
+    from trainer.weights import torch_load
+
+    tc = spec.train_config(Path(data_dir) if data_dir else None)
+    init = build_model(tc)
+    b = init.base_rows
+    final = torch_load(result.checkpoint)["model"]
+    data = training_data(tc.train_manifests, tc.val_manifests, tc.batch_size, tc.seed, tokenizer=tc.tokenizer)
+    used = new_row_ids([data.train_set[i].text_ids for i in range(len(data.train_set))], b)
+    learning = new_rows_learning(new_rows_of(dict(init.model.state_dict()), b), new_rows_of(final, b), used)
+    decoded = decode_validation(trained_model(tc, result.checkpoint), data.val_set, SMOKE_TEXTS)
+    smoke = inference_smoke([(len(g.codes), g.stopped, ref) for g, ref in decoded])
+    extra = {"smoke": [{"codes": len(g.codes), "stopped": g.stopped, "reference": ref} for g, ref in decoded]}
+    codec = Path(spec.output_dir).parent.parent / "corpus" / "codec.pt"
+    if codec.is_file() and decoded and decoded[0][0].codes:
+        import soundfile
+
+        from trainer.demo_codec import SAMPLE_RATE, DemoCodec
+
+        wav = Path(spec.output_dir) / "smoke" / f"val0_step{result.step:08d}.wav"
+        wav.parent.mkdir(parents=True, exist_ok=True)
+        soundfile.write(wav, DemoCodec.load(codec).to_wav(decoded[0][0].codes), SAMPLE_RATE)
+        extra["wav"] = str(wav)
+    return [learning, smoke], extra

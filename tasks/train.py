@@ -69,6 +69,24 @@ def progress_hooks(tracker: Tracker | None, show_progress: bool, progress_artifa
                       on_progress=on_progress), bar_holder
 
 
+def with_validation_gates(hooks: TrainHooks, tc, tracker: Tracker | None) -> TrainHooks:
+    """Gates at every validation (finite, not diverging, base intact in split mode); a failure stops training."""
+    from dataclasses import replace
+
+    from tasks.gates import gate_tagger
+    from trainer.gates import GateConfig, validation_hook
+
+    config = GateConfig(text_loss_weight=tc.text_loss_weight, mel_loss_weight=tc.mel_loss_weight)
+    started = hooks.on_start
+
+    def on_start(info: dict) -> None:
+        if tc.freeze == "split":
+            config.base_rows_sha256 = info["lineage"]["base_rows_sha256"]
+        started(info)
+
+    return replace(hooks, on_start=on_start, on_validation=validation_hook(config, gate_tagger(tracker)))
+
+
 @task(name="training", cache_policy=NO_CACHE)
 def training(spec: RunSpec, data_dir: str, decision: dict, tracker: Tracker | None,
              show_progress: bool = False) -> TrainResult:
@@ -77,6 +95,7 @@ def training(spec: RunSpec, data_dir: str, decision: dict, tracker: Tracker | No
     if tracker is not None:
         tracker.log_params({"train": {k: v for k, v in tc.to_dict().items() if k not in ("resume", "mlflow_run_id")}})
     hooks, bars = progress_hooks(tracker, show_progress)
+    hooks = with_validation_gates(hooks, tc, tracker)
     try:
         result = train(tc, hooks)
     finally:

@@ -8,14 +8,15 @@ from prefect.cache_policies import NO_CACHE
 from tasks.report import StageFailed, logger, publish
 from tasks.spec import RunSpec
 from tasks.tracking import Tracker
-from trainer.triage import triage_output_dir, triage_path
+from trainer.triage import Reference, triage_output_dir, triage_path
 
 
 @task(name="checkpoint-triage", cache_policy=NO_CACHE)
 def checkpoint_triage(spec: RunSpec, tracker: Tracker | None) -> dict:
     """`resume: auto` (or none) triages the output dir; a checkpoint path triages that checkpoint."""
     explicit = spec.resume not in (None, "", "auto")
-    decision = triage_path(spec.resume) if explicit else triage_output_dir(spec.output_dir)
+    ref = Reference.load(spec.base_checkpoint, spec.tokenizer)  # judge candidates against this run's base
+    decision = triage_path(spec.resume, ref=ref) if explicit else triage_output_dir(spec.output_dir, ref=ref)
     publish("triage", decision.to_markdown(), decision.to_dict(), spec.output_dir, tracker)
     logger().info("triage: %s (%s)", decision.action, decision.reason)
     if tracker is not None:

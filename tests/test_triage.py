@@ -157,3 +157,18 @@ def test_decision_is_json_and_markdown(runs):
     data = json.loads(decision.to_json())
     assert data["action"] == "fresh" and data["candidates"][0]["evidence"]["moments"]["any_base_moments"]
     assert "| model_step2.pth | foreign | 2 | broken | fresh |" in decision.to_markdown()
+
+
+def test_cli_prints_the_table_and_writes_json(runs, tmp_path, capsys):
+    from flows.cli import main
+
+    p = runs["project"]
+    out = tmp_path / "triage.json"
+    args = ["triage", str(runs["broken"]), "--base", str(p.base_checkpoint), "--tokenizer", str(p.tokenizer),
+            "--fresh-below", "2", "--resume-from", "5", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "broken" in printed and "decision: fresh" in printed
+    assert json.loads(out.read_text())["candidates"][0]["finding"] == "broken"
+    assert main(["triage", str(tmp_path / "new-run"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["action"] == "fresh"

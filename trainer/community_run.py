@@ -80,3 +80,29 @@ def community_run(base_checkpoint: str | Path, config: str | Path, tokenizer: st
                 break
         epoch += 1
     return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m trainer.community_run", description=__doc__.splitlines()[0])
+    p.add_argument("--base-checkpoint", required=True)
+    p.add_argument("--config", required=True)
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--train-manifest", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--save-at", type=int, nargs="*", default=[])
+    p.add_argument("--freeze", choices=FREEZES, default="none")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--learning-rate", type=float, default=3e-3)
+    p.add_argument("--batch-size", type=int, default=8)
+    a = p.parse_args(argv)
+    for path in community_run(a.base_checkpoint, a.config, a.tokenizer, a.train_manifest, a.out, a.steps,
+                              tuple(a.save_at), a.freeze, a.learning_rate, a.weight_decay, batch_size=a.batch_size):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

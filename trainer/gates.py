@@ -60,7 +60,7 @@ def text_loss_gate(text_loss: float, step: int, threshold: float, by_step: int) 
     if step < by_step:
         return GateResult("text_loss", True, f"{text_loss:.4f} at step {step}, due by {by_step}", "pending")
     return GateResult("text_loss", False, f"{text_loss:.4f} ≥ {threshold} at step {step}",
-                      f"not below {threshold} within {by_step} steps")
+                      f"not below {threshold} by step {by_step}")
 
 
 def all_passed(results: list[GateResult]) -> bool:

@@ -8,6 +8,7 @@ then the start-mel token. Each new code attends to the cached keys and values of
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -94,3 +95,27 @@ def greedy_codes(model: UnifiedVoiceGPT, text_ids: torch.Tensor, condition: torc
                 hidden, _ = backbone_step(model, x, None)
     finally:
         model.train(was_training)
+
+
+def trained_model(tc, checkpoint: str | Path) -> UnifiedVoiceGPT:
+    """The run's model (built from its base) with a fidel checkpoint's trainable state loaded."""
+    from trainer.checkpoint import load_checkpoint
+    from trainer.train import FROZEN_BUFFERS, build_model
+
+    model = build_model(tc).model
+    state, _ = load_checkpoint(Path(checkpoint))
+    frozen = {k: v for k, v in model.state_dict().items() if k in FROZEN_BUFFERS}
+    model.load_state_dict({**state["model"], **frozen})
+    return model.eval()
+
+
+def decode_validation(model: UnifiedVoiceGPT, val_set, n: int, max_ratio: float = 5.0) -> list[tuple[Generated, int]]:
+    """Greedy codes for the first n validation texts, each with its reference code length."""
+    out = []
+    for i in range(min(n, len(val_set))):
+        example = val_set[i]
+        reference = len(example.codes)
+        generated = greedy_codes(model, example.text_ids, example.condition, example.emo_vec,
+                                 max_codes=max(1, int(max_ratio * reference)) + 1)
+        out.append((generated, reference))
+    return out

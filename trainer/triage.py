@@ -8,6 +8,7 @@ import json
 import pickletools
 import zipfile
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -62,7 +63,7 @@ class Reference:
         return cls(str(base_path), base, emb.shape[0] - 1, None if tokenizer_path is None else str(tokenizer_path),
                    pieces, sha)
 
-    @property
+    @cached_property
     def base_hash(self) -> str:
         b = self.base
         return base_rows_hash(b["text_embedding.weight"], b["text_head.weight"], b["text_head.bias"], self.base_rows)
@@ -129,7 +130,7 @@ def integrity(path: Path) -> dict:
     return ev
 
 
-SAFE_GLOBAL_PREFIXES = ("torch.", "collections OrderedDict", "collections.OrderedDict", "numpy", "_codecs encode",
+SAFE_GLOBAL_PREFIXES = ("torch.", "torch ", "collections OrderedDict", "collections.OrderedDict", "numpy", "_codecs encode",
                         "builtins set", "builtins frozenset")
 STRING_OPS = ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8", "SHORT_BINSTRING", "BINSTRING", "STRING")
 
@@ -297,7 +298,7 @@ def fidel_candidate(path: Path, lineage: dict | None, ref: Reference | None = No
     detail = f"sha256 verified, lineage {str(meta.get('lineage_id'))[:8]}"
     if ref is not None:
         try:
-            raw = torch_load(path)
+            raw = torch_load(path, mmap=True)
         except FidelError as exc:
             return Candidate(str(path), "fidel", False, meta["step"], exc.problem, "corrupt", "quarantine",
                              "verifies but does not load")
@@ -327,7 +328,7 @@ def foreign_candidate(path: Path, ref: Reference | None, policy: TriagePolicy | 
         return Candidate(name, "foreign", False, None, f"zip test: {zip_test}", "corrupt", "quarantine",
                          "corrupt or truncated archive; never loaded", ev)
     try:
-        raw = torch_load(path)
+        raw = torch_load(path, mmap=True)
         state = upstream_keys_of(raw, path)
     except FidelError as exc:
         unsafe = unsafe_globals(path)
@@ -390,7 +391,7 @@ def foreign_candidate(path: Path, ref: Reference | None, policy: TriagePolicy | 
     if drifted:
         factor = ev["drift"][drifted[0]].get("shrink_factor", 1.0)
         kind = f"weight-decay shrink ×{factor:.6f}" if shrink_only else "gradient drift"
-        detail = (f"base rows drifted: {rows_changed}/{b} embedding rows, max |Δ| {max_delta:.3g} ({kind}); "
+        detail = (f"base rows drifted: {rows_changed}/{b} embedding rows, max abs Δ {max_delta:.3g} ({kind}); "
                   f"Adam moments on base rows: {'non-zero' if moments_on_base else 'zero'}; {lr}{new_txt}")
         finding = "broken"
         why = ("base rows drifted from the base (" + kind + ")"
@@ -473,7 +474,9 @@ def triage_path(path: str | Path, lineage: dict | None = None, ref: Reference | 
     if path.is_dir():
         return triage_output_dir(path, lineage, ref, policy, include_foreign=True)
     if not path.exists():
-        raise FidelError(path, "no such checkpoint or folder")
+        if path.suffix in FOREIGN_SUFFIXES:
+            raise FidelError(path, "no such checkpoint")
+        return Decision("fresh", None, f"no checkpoint in {path} (a new output dir)", [], asdict(policy))
     try:
         read_sidecar(path)
         is_fidel = True
