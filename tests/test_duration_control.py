@@ -69,3 +69,13 @@ def test_the_slot_draws_random_numbers_only_when_duration_control_is_on():
         torch.manual_seed(9)
         m.duration_slot(lengths)
         assert torch.equal(torch.rand(1), reference) != draws
+
+
+def test_train_option_builds_the_model_with_it_and_records_it(tiny_project, make_train_config, tmp_path):
+    from trainer.train import build_model, train
+
+    tc = make_train_config(tiny_project, tmp_path / "out", max_steps=2, save_interval=2, duration_control=True)
+    assert build_model(tc).model.duration_control
+    result = train(tc)
+    assert result.status == "completed", result.reason
+    assert result.lineage["duration_control"] is True

@@ -35,6 +35,15 @@ def batch_for(step: int) -> Batch:
                  torch.randn(4, 32, 32, generator=g), torch.randn(4, 32, generator=g))
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """A 32-wide model: a second intra-op thread only waits on the first (and on a busy machine, much longer)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run(freeze: str) -> dict:
     """200 AdamW steps (weight decay 0.1) under an fp16 GradScaler with forced overflows and clipping."""
     model, _ = extended_model(tiny_base(), EXTENDED, B, "mean", seed=0, freeze=freeze)
@@ -103,6 +112,7 @@ def test_hooks_mode_drifts_and_the_drift_is_weight_decay(record_property, tmp_pa
     assert state["exp_avg"][:B].abs().max() == 0 and state["exp_avg_sq"][:B].abs().max() == 0  # hooks did zero
     report = drift(result["before"], result["after"])
     report["steps"], report["skipped_overflow_steps"], report["weight_decay"] = STEPS, result["skipped"], WEIGHT_DECAY
+    report["base_rows_scaled_by"] = result["decay"]  # prod over executed steps of (1 - lr * weight_decay)
     print("\nhooks-mode base-row drift after 200 AdamW steps:\n" + json.dumps(report, indent=2))
     record_property("hooks_drift", json.dumps(report))
     for name, numbers in report.items():
