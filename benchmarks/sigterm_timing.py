@@ -41,7 +41,7 @@ def one(demo: Path, out: Path) -> tuple[float, float, int]:
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=120)
-    return time.monotonic() - sent, statistics.mean(b - a for a, b in zip(step_times, step_times[1:])), proc.returncode
+    return time.monotonic() - sent, statistics.mean(b - a for a, b in zip(step_times, step_times[1:], strict=False)), proc.returncode
 
 
 def main() -> int:

@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from trainer.checkpoint import (
-    latest_valid_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints, rng_state, save_checkpoint,
+    latest_valid_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
     set_rng_state,
 )
 from trainer.errors import FidelError
