@@ -57,11 +57,13 @@ def evaluation_gates(spec: RunSpec, result: TrainResult, tracker: Tracker | None
     ]
     (learning, smoke), smoke_extra = learning_and_smoke(spec, result)
     results.append(learning)
-    # the smoke gate is reported and tagged but not enforced: a short run (tests, demo --quick) stops too early
+    # advisory unless the run file sets enforce_inference_smoke: short runs (tests, the demo) don't stop yet
+    if spec.enforce_inference_smoke:
+        results.append(smoke)
     publish("gates", report_markdown(results + [smoke]), {"gates": [r.to_dict() for r in results], "export": exported,
                                                           "inference_smoke": smoke.to_dict(), **smoke_extra},
             spec.output_dir, tracker)
-    logger().info("%s (advisory)", smoke.line())
+    logger().info("%s%s", smoke.line(), "" if spec.enforce_inference_smoke else " (advisory)")
     if tracker is not None:
         tracker.set_tags({f"gate.{smoke.name}": "PASS" if smoke.passed else "FAIL"})
         if smoke_extra.get("wav"):

@@ -33,6 +33,7 @@ class RunSpec:
     tracking_uri: str = "sqlite:///mlruns/mlflow.db"
     experiment: str = "fidel"
     run_name: str | None = None
+    enforce_inference_smoke: bool = False  # the inference-smoke gate fails the run instead of only reporting
 
     def train_config(self, data_dir: Path | None = None, mlflow_run_id: str | None = None) -> TrainConfig:
         """Training reads the Parquet dataset the data stage built when given its folder."""

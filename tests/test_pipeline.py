@@ -72,3 +72,12 @@ def test_a_failed_stage_stops_the_flow_with_its_reason(tiny_project, tmp_path, m
     client = MlflowClient(mlflow_uri)
     run = client.search_runs([client.get_experiment_by_name("fidel").experiment_id])[0]
     assert run.info.status == "FAILED" and "data checks" in run.data.tags["failed.reason"]
+
+
+def test_an_enforced_inference_smoke_gate_fails_a_model_that_never_stops(tiny_project, tmp_path, mlflow_uri):
+    """30 steps on the tiny project do not teach the model to emit the stop code: enforced, the gate fails."""
+    from tasks.gates import GatesFailed
+
+    run_settings = {**settings(tiny_project, tmp_path / "run", mlflow_uri), "enforce_inference_smoke": True}
+    with pytest.raises(GatesFailed, match="inference_smoke"):
+        finetune(settings=run_settings)
