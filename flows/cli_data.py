@@ -7,7 +7,6 @@ Exit codes: 0 passed, 1 the checks found a fatal problem, 2 a bad input (one lin
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -82,17 +81,6 @@ def run_pair(args: argparse.Namespace) -> int:
     return 0
 
 
-def guarded(command):
-    """A bad input is one line on stderr and exit code 2, not a traceback."""
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return command(args)
-        except FidelError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    return run
-
-
 def add_check_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train", nargs="+", action="extend", required=True, metavar="MANIFEST[::lang]",
                    help="paired JSONL manifest(s) of the training split; `::am` sets the language of its rows")
@@ -114,7 +102,7 @@ def add_commands(subparsers) -> None:
     add_check_arguments(check)
     check.add_argument("--out", type=Path, default=Path("data_check"),
                        help="report folder: data_check.md/.json, data_problems.parquet, histograms")
-    check.set_defaults(func=guarded(run_check))
+    check.set_defaults(func=run_check)
 
     build = commands.add_parser("build", help="check, then write the kept pairs as a Parquet dataset")
     add_check_arguments(build)
@@ -122,11 +110,11 @@ def add_commands(subparsers) -> None:
                                                                "dataset.json, report/")
     build.add_argument("--cond-dtype", choices=["float16", "float32"], default="float16",
                        help="storage of conditioning and emotion vectors (recorded in the dataset)")
-    build.set_defaults(func=guarded(run_build))
+    build.set_defaults(func=run_build)
 
     pair = commands.add_parser("pair", help="pair an unpaired (per-utterance) manifest into prompt/target pairs")
     pair.add_argument("--manifest", type=Path, required=True, help="unpaired JSONL: text_ids_path, codes_path, ...")
     pair.add_argument("--out", type=Path, required=True, help="the paired manifest to write (must not exist)")
     pair.add_argument("--pairs-per-target", type=int, default=2)
     pair.add_argument("--seed", type=int, default=0)
-    pair.set_defaults(func=guarded(run_pair))
+    pair.set_defaults(func=run_pair)

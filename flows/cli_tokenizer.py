@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from trainer.errors import FidelError
@@ -78,17 +77,6 @@ def run_verify(args: argparse.Namespace) -> int:
     return print_report(report, args.json)
 
 
-def guarded(command):
-    """A bad input is one line on stderr and exit code 2, not a traceback."""
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return command(args)
-        except FidelError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    return run
-
-
 def add_commands(subparsers) -> None:
     tokenizer = subparsers.add_parser("tokenizer", help="extend the base tokenizer to a new script, or verify one")
     commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True)
@@ -100,7 +88,7 @@ def add_commands(subparsers) -> None:
     extend.add_argument("--lang-tag", default=None, help="add a language tag piece, e.g. AM for ▁[AM]")
     extend.add_argument("--out", type=Path, required=True, help="output .model (.vocab and .json written beside)")
     extend.add_argument("--seed", type=int, default=0)
-    extend.set_defaults(func=guarded(run_extend))
+    extend.set_defaults(func=run_extend)
 
     verify = commands.add_parser("verify", help="check an extended tokenizer against its base")
     verify.add_argument("--tokenizer", type=Path, required=True, help="extended sentencepiece model")
@@ -110,4 +98,4 @@ def add_commands(subparsers) -> None:
     verify.add_argument("--checkpoint", type=Path, default=None, help="GPT checkpoint with text_embedding.weight")
     verify.add_argument("--max-unused-share", type=float, default=0.9)
     verify.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
-    verify.set_defaults(func=guarded(run_verify))
+    verify.set_defaults(func=run_verify)

@@ -78,14 +78,7 @@ def test_finished_needs_the_export_to_still_be_there(tmp_path):
 
 
 def settings(project, output_dir, mlflow_uri, **train):
-    return {
-        "train_manifests": [str(project.train_manifest)], "val_manifests": [str(project.val_manifest)],
-        "tokenizer": str(project.tokenizer), "base_tokenizer": str(project.base_tokenizer),
-        "config": str(project.base_config), "base_checkpoint": str(project.base_checkpoint),
-        "output_dir": str(output_dir), "tracking_uri": mlflow_uri,
-        "train": {"max_steps": 20, "batch_size": 8, "learning_rate": 3e-3, "warmup_steps": 5, "log_interval": 5,
-                  "val_interval": 10, "save_interval": 10, **train},
-    }
+    return project.flow_settings(output_dir, mlflow_uri, max_steps=20, **train)
 
 
 @pytest.mark.slow

@@ -1,4 +1,3 @@
-import argparse
 import json
 import random
 import shutil
@@ -9,7 +8,6 @@ from pathlib import Path
 import pytest
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
-from flows import cli_tokenizer
 from trainer.errors import FidelError
 from trainer.text import is_script_char, normalize_text
 from trainer.tokenizer import (
@@ -408,10 +406,9 @@ def test_corpus_too_small_for_target_names_corpus_and_numbers(small_base, tmp_pa
 # ----------------------------------------------------------------------------- command line
 
 def run_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fidel")
-    cli_tokenizer.add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    from flows.cli import main
+
+    return main(argv)
 
 
 def test_cli_extend_then_verify(small_base, tmp_path, capsys):

@@ -40,6 +40,17 @@ class TinyProject:
     am_texts: list[str]
     cfg: GPTConfig
 
+    def flow_settings(self, output_dir: Path, tracking_uri: str, max_steps: int = 30, **train) -> dict:
+        """Settings for the fine-tune flow on this project: fast steps, frequent validation and saves."""
+        return {
+            "train_manifests": [str(self.train_manifest)], "val_manifests": [str(self.val_manifest)],
+            "tokenizer": str(self.tokenizer), "base_tokenizer": str(self.base_tokenizer),
+            "config": str(self.base_config), "base_checkpoint": str(self.base_checkpoint),
+            "output_dir": str(output_dir), "tracking_uri": tracking_uri,
+            "train": {"max_steps": max_steps, "batch_size": 8, "learning_rate": 3e-3, "warmup_steps": 5,
+                      "log_interval": 5, "val_interval": 10, "save_interval": 10, **train},
+        }
+
 
 def sentences(words: tuple[str, ...] | list[str], n: int, rng: random.Random, end: str) -> list[str]:
     return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 8))) + end for _ in range(n)]
