@@ -16,15 +16,9 @@ from trainer.tokenizer import extend_tokenizer, read_corpus_files, verify_tokeni
 
 def read_config_text_tokens(path: Path) -> int:
     """gpt.number_text_tokens from an IndexTTS config.yaml."""
-    import yaml
+    from trainer.config import read_config_yaml
 
-    if not path.is_file():
-        raise FidelError(path, "config file not found")
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise FidelError(path, f"not a YAML file ({str(e).splitlines()[0]})") from None
-    value = (config or {}).get("gpt", {}).get("number_text_tokens") if isinstance(config, dict) else None
+    value = read_config_yaml(path)["gpt"].get("number_text_tokens")
     if not isinstance(value, int) or isinstance(value, bool):
         raise FidelError(path, f"gpt.number_text_tokens missing or not an integer (got {value!r})")
     return value
