@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.exceptions import MissingContextError
 
 from tasks.tracking import Tracker
 
@@ -72,4 +74,8 @@ def publish_loss_curves(tracker: Tracker, output_dir: str | Path) -> Path | None
 
 
 def logger():
-    return get_run_logger()
+    """The run's Prefect logger; a plain logger when called outside a flow or task (hooks driven directly)."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("fidel")

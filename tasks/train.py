@@ -58,7 +58,8 @@ def progress_hooks(tracker: Tracker | None, show_progress: bool, progress_artifa
         if metric_log is not None and rows:
             skipped = metric_log.commit(rows)
             if skipped:
-                logger().warning("%d metric points were already logged for their step and were skipped", skipped)
+                # expected after a resume: the last checkpoint's rows are replayed in case a kill lost them
+                logger().info("%d metric points were already logged for their step and were skipped", skipped)
 
     def on_checkpoint(path: Path, sidecar: dict) -> None:
         if tracker is not None:
