@@ -3,11 +3,13 @@
     .venv/bin/python benchmarks/step_throughput.py --size tiny            # CPU: minutes
     .venv/bin/python benchmarks/step_throughput.py --size full --batch-size 32 --amp bf16   # one GPU
 
-fidel: `UnifiedVoiceGPT` (split freeze: base text rows are buffers; SDPA attention, causal, no mask tensor),
-length-bucketed batches under a token budget (`BucketBatchSampler(max_tokens=batch size × mean item length)`),
-AdamW groups by name (`make_optimizer`: fused on CUDA), and the training loop's own `accumulate` and
-`optimizer_step` (trainer/train.py). Optionally `--compile` (torch.compile of the backbone, dynamic shapes) and
-`--checkpointing` (activation checkpointing of fidel's blocks, for memory).
+fidel: `UnifiedVoiceGPT` (split freeze: base text rows are buffers; SDPA attention, causal, no mask tensor;
+cross-entropy over the scored positions only, in checkpointed row chunks), length-bucketed batches under a token
+budget (`BucketBatchSampler(max_tokens=batch size × mean item length)`), AdamW groups by name (`make_optimizer`:
+fused on CUDA), and the training loop's own `accumulate` and `optimizer_step` (trainer/train.py: no host sync in
+the step on CUDA). Optionally `--compile` (`UnifiedVoiceGPT.compile_blocks`: torch.compile of each block, dynamic
+shapes; `fidel train --compile`) and `--checkpointing` (`UnifiedVoiceGPT.set_activation_checkpointing`, for
+memory; `fidel train --activation-checkpointing`).
 
 baseline, built as the community trainers build it: `transformers.GPT2Model` (sdpa attention, gradient
 checkpointing on as `checkpointing=True` gives it, dropout 0.1, wte deleted, wpe returning zeros) inside the
@@ -48,7 +50,15 @@ from trainer.data import BucketBatchSampler, Example, collate, padding_efficienc
 from trainer.distributed import Dist  # noqa: E402
 from trainer.model import Batch, UnifiedVoiceGPT, valid_mask  # noqa: E402
 from trainer.optim import make_optimizer, param_groups  # noqa: E402
-from trainer.train import LossModel, MetricWindow, TrainConfig, accumulate, optimizer_step  # noqa: E402
+from trainer.train import (  # noqa: E402
+    LossModel,
+    MetricWindow,
+    NonFiniteWatch,
+    TrainConfig,
+    accumulate,
+    optimizer_step,
+    skips_on_device,
+)
 
 SIZES = {  # dim, layers, heads; both keep the real 24001-row text head and 8194-code mel head
     "tiny": (128, 4, 4),
@@ -142,6 +152,7 @@ class Setup:
     model: UnifiedVoiceGPT
     step: callable  # (batch on host) -> None
     batches: list[list[int]]
+    check: callable = lambda: None  # after a timed step: raise if it went wrong
 
 
 def baseline_setup(cfg, pairs, batch_size, seed, device, dtype) -> Setup:
@@ -164,41 +175,34 @@ def baseline_setup(cfg, pairs, batch_size, seed, device, dtype) -> Setup:
 
 def fidel_setup(cfg, pairs, batch_size, seed, device, dtype, compile_backbone, checkpointing) -> Setup:
     torch.manual_seed(seed)
-    model = UnifiedVoiceGPT(cfg, base_rows=BASE_TEXT_TOKENS + 1).to(device).train()
-    if checkpointing:
-        enable_block_checkpointing(model)
+    model = UnifiedVoiceGPT(cfg, base_rows=BASE_TEXT_TOKENS + 1, activation_checkpointing=checkpointing)
+    model = model.to(device).train()
     if compile_backbone:
-        model.gpt = torch.compile(model.gpt, dynamic=True)
+        model.compile_blocks()
     optimizer = make_optimizer(param_groups(model, 2e-5, 1e-4, 0.01), device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     tc = TrainConfig(train_manifests=[], val_manifests=[], tokenizer="", config="", output_dir="", seed=seed)
     env = Dist()  # one process
     wrapped, window = LossModel(model), MetricWindow(device)
+    watch = NonFiniteWatch(device, env, on_device=skips_on_device(optimizer))
     counter = [0]
 
     def step(batch: Batch) -> None:
         counter[0] += 1
-        status, reason = accumulate(wrapped, [(counter[0], batch)], tc, 0, device, dtype, scaler, window, env)
-        if status != "completed":
-            raise RuntimeError(reason)
-        optimizer_step(model, optimizer, scheduler, scaler, tc)
+        losses = accumulate(wrapped, [(counter[0], batch)], tc, 0, device, dtype, scaler, window, env)
+        optimizer_step(model, optimizer, scheduler, scaler, tc, watch, losses, counter[0])
+
+    def check() -> None:
+        if failure := watch.failure():
+            raise RuntimeError(failure)
 
     texts = [len(p.text_ids) for p in pairs]
     codes = [len(p.codes) for p in pairs]
     budget = int(batch_size * statistics.mean(t + c for t, c in zip(texts, codes, strict=True)))
     sampler = BucketBatchSampler(texts, codes, batch_size, seed=seed, max_tokens=budget)
     batches = [b for e in range(8) for b in sampler.epoch_batches(e)]
-    return Setup("fidel", model, step, batches)
-
-
-def enable_block_checkpointing(model: UnifiedVoiceGPT) -> None:
-    """Recompute each block in backward (memory for compute), as an option."""
-    from torch.utils.checkpoint import checkpoint
-
-    for block in model.gpt.h:
-        forward = block.forward
-        block.forward = lambda x, f=forward: checkpoint(f, x, use_reentrant=False)
+    return Setup("fidel", model, step, batches, check)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -268,13 +272,14 @@ def run_step(setup: Setup, index: int, pairs: list[Example], cfg: GPTConfig, dev
     examples = [pairs[i] for i in ids]
     batch = collate(examples)
     if device.type == "cuda":
-        batch = Batch(*(t.pin_memory() for t in batch.__dict__.values()))
+        batch = batch.pin_memory()  # as the training loop's DataLoader(pin_memory=True) hands it over
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)
     started = time.perf_counter()
     setup.step(batch)
     sync(device)
     seconds = time.perf_counter() - started
+    setup.check()
     texts, codes = [len(e.text_ids) for e in examples], [len(e.codes) for e in examples]
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     return StepRecord(seconds, len(ids), sum(texts) + sum(codes), len(ids) * (max(texts) + max(codes)),

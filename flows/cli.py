@@ -24,6 +24,9 @@ def add_train_parser(sub) -> None:
     p.add_argument("--output-dir", default="trained_checkpoints")
     p.add_argument("--resume", default="", help="a checkpoint path, or 'auto' for the newest valid one")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-tokens", type=int, default=None,
+                   help="token budget per micro-batch: length-bucketed batches grow while pairs × (longest text + "
+                        "longest codes) fits, up to 4 × --batch-size pairs")
     p.add_argument("--grad-accumulation", type=int, default=1)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--max-steps", type=int, default=0, help="optimizer steps (0: epochs decide)")
@@ -48,6 +51,10 @@ def add_train_parser(sub) -> None:
                         "hooks, for comparison only (weight decay moves base rows)")
     p.add_argument("--duration-control", action="store_true",
                    help="train the duration slot on the target code length (speed_emb(0) with p=0.3)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each transformer block in backward: less activation memory, more compute")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer blocks (dynamic shapes; the first steps pay the compile)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--device", default="auto")
     p.add_argument("--freeze-conditioning", action="store_true",
@@ -83,8 +90,9 @@ def cmd_train(args) -> int:
         new_rows_lr=args.new_rows_lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
         grad_clip=args.grad_clip, text_loss_weight=args.text_loss_weight, mel_loss_weight=args.mel_loss_weight,
         log_interval=args.log_interval, val_interval=args.val_interval, save_interval=args.save_interval,
-        keep_last=args.keep_last, save_minutes=args.save_minutes, amp=args.amp, init=args.init, seed=args.seed, num_workers=args.num_workers,
-        device=args.device, freeze=args.freeze, duration_control=args.duration_control)
+        keep_last=args.keep_last, save_minutes=args.save_minutes, amp=args.amp, init=args.init, seed=args.seed,
+        num_workers=args.num_workers, device=args.device, freeze=args.freeze, duration_control=args.duration_control,
+        batch_tokens=args.batch_tokens, activation_checkpointing=args.activation_checkpointing, compile=args.compile)
 
     def line(metrics: dict) -> str:
         return " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))

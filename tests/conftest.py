@@ -11,6 +11,18 @@ import pytest
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests skip where CUDA is not available."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_prefect(tmp_path_factory):
     """No server, no analytics, a throwaway PREFECT_HOME: tests never touch the user's Prefect."""

@@ -73,3 +73,28 @@ def test_sigterm_saves_within_seconds_and_exits_75(tiny_project, tmp_path):
 
     decision = triage_output_dir(tmp_path / "out")
     assert decision.action == "resume" and f"saved at step {decision.candidates[0].step}" in output
+
+
+def test_speed_flags_reach_the_train_config(tiny_project, tmp_path, monkeypatch):
+    import trainer.train as train_module
+    from trainer.train import TrainResult
+
+    seen = []
+    monkeypatch.setattr(train_module, "train",
+                        lambda tc, hooks: seen.append(tc) or TrainResult("completed", 0, 0, None, {}))
+    assert main(train_args(tiny_project, tmp_path / "out")) == 0
+    assert main(train_args(tiny_project, tmp_path / "out", "--batch-tokens", "4000", "--compile",
+                           "--activation-checkpointing")) == 0
+    default, fast = seen
+    assert (default.batch_tokens, default.compile, default.activation_checkpointing) == (None, False, False)
+    assert (fast.batch_tokens, fast.compile, fast.activation_checkpointing) == (4000, True, True)
+
+
+def test_the_run_file_takes_the_speed_settings(tmp_path):
+    from tasks.spec import run_spec_from_dict
+
+    raw = {k: "x" for k in ("tokenizer", "base_tokenizer", "config", "base_checkpoint", "output_dir")}
+    raw.update(train_manifests=["t.jsonl"], val_manifests=["v.jsonl"],
+               train={"batch_tokens": 6000, "compile": True, "activation_checkpointing": True})
+    tc = run_spec_from_dict(raw, tmp_path / "run.yaml").train_config()
+    assert (tc.batch_tokens, tc.compile, tc.activation_checkpointing) == (6000, True, True)

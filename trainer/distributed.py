@@ -44,11 +44,16 @@ def all_reduce_sum(values: torch.Tensor, env: Dist) -> torch.Tensor:
 
 def any_rank(flag: bool, env: Dist, device: torch.device) -> bool:
     """True on every rank when it is true on any: all ranks stop at the same step."""
+    return any_ranks([flag], env, device)[0]
+
+
+def any_ranks(flags: list[bool], env: Dist, device: torch.device) -> list[bool]:
+    """any_rank of several flags in one collective."""
     if not env.enabled:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+        return list(flags)
+    values = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [value > 0 for value in values.tolist()]
 
 
 def barrier(env: Dist) -> None:

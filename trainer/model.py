@@ -11,16 +11,19 @@ rows B..N as parameters. The optimizer, weight decay, clipping, GradScaler and D
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from trainer.config import GPTConfig
 
 DROPOUT = 0.1  # GPT2Config as upstream builds it: resid, embd and attn dropout all 0.1
 LAYER_NORM_EPS = 1e-5
+CE_CHUNK_ROWS = 4096  # logit rows per cross-entropy chunk: 4096 × 24001 fp32 logits are 393 MB
 
 
 class Conv1D(nn.Module):
@@ -67,8 +70,15 @@ class Block(nn.Module):
         self.attn = Attention(dim, heads)
         self.ln_2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.mlp = MLP(dim)
+        self.checkpointing = False  # recompute the block in backward instead of keeping its activations
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpointing and torch.is_grad_enabled():
+            # non-reentrant checkpointing restores the RNG state, so the recompute replays the same dropout
+            return checkpoint(self.attend_and_mix, x, use_reentrant=False)
+        return self.attend_and_mix(x)
+
+    def attend_and_mix(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
@@ -155,8 +165,11 @@ class SplitHead(nn.Module):
         self.base_bias.copy_(bias[:b])
         self.new_bias.copy_(bias[b:])
 
+    def weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.weight, self.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, *self.weight_and_bias())
 
 
 def zero_base_rows_hook(base_rows: int):
@@ -220,8 +233,11 @@ class HookedHead(nn.Module):
         self.weight.copy_(weight)
         self.bias.copy_(bias)
 
+    def weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return hooked(self.weight, self.base_rows), hooked(self.bias, self.base_rows)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, hooked(self.weight, self.base_rows), hooked(self.bias, self.base_rows))
+        return F.linear(x, *self.weight_and_bias())
 
 
 @dataclass
@@ -234,9 +250,24 @@ class Batch:
     code_lengths: torch.Tensor  # [B]
     condition: torch.Tensor  # [B, 32, D]
     emo_vec: torch.Tensor  # [B, D]
+    # (text, mel) targets scored, counted while the lengths were on the host: the loss gathers them with no sync
+    scored: tuple[int, int] | None = None
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.text_ids, self.text_lengths, self.codes, self.code_lengths, self.condition, self.emo_vec
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        return Batch(*(t.to(device, non_blocking=non_blocking) for t in self.__dict__.values()))
+        return Batch(*(t.to(device, non_blocking=non_blocking) for t in self.tensors()), scored=self.scored_counts())
+
+    def pin_memory(self) -> Batch:
+        """What DataLoader(pin_memory=True) calls: page-locked tensors make a non_blocking copy really async."""
+        return Batch(*(t.pin_memory() for t in self.tensors()), scored=self.scored_counts())
+
+    def scored_counts(self) -> tuple[int, int] | None:
+        if self.scored is None and self.text_lengths.device.type == "cpu":
+            n = self.size
+            return int(self.text_lengths.sum()) + n, int(self.code_lengths.sum()) + n
+        return self.scored
 
     @property
     def size(self) -> int:
@@ -272,6 +303,45 @@ def valid_mask(width: int, lengths: torch.Tensor) -> torch.Tensor:
     return torch.arange(width, device=lengths.device)[None, :] < (lengths + 1)[:, None]
 
 
+def scored_rows(hidden: torch.Tensor, offset: int, targets: torch.Tensor, mask: torch.Tensor,
+                count: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hidden states [N, D] and targets [N] of the N positions where mask [B, W] is set; target (b, j) is
+    predicted at hidden position (b, offset + j). Given N from the host, no device sync (x[mask] reads N back)."""
+    if count is None:
+        count = int(mask.sum())
+    b, j = torch.nonzero_static(mask, size=count).unbind(1)
+    rows = hidden.flatten(0, 1).index_select(0, b * hidden.shape[1] + offset + j)
+    return rows, targets.flatten().index_select(0, b * targets.shape[1] + j)
+
+
+def chunk_cross_entropy(rows: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
+                        targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = head(rows).float()
+    return F.cross_entropy(logits, targets, reduction="sum"), (logits.detach().argmax(-1) == targets).sum()
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
+                          targets: torch.Tensor, chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of head(hidden) [N, V] against targets [N], and how many argmaxes hit them.
+
+    chunk_rows rows at a time, each chunk checkpointed when there are several: backward recomputes a chunk's
+    logits, so the fp32 logits (and their softmax) of all N rows are never held at once.
+    """
+    ce = torch.zeros((), device=hidden.device)
+    correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+    # a lone chunk's logits are the peak whether kept or recomputed (backward starts where forward ends)
+    recompute = torch.is_grad_enabled() and hidden.shape[0] > chunk_rows
+    for start in range(0, hidden.shape[0], chunk_rows):
+        rows, tgt = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
+        if recompute:
+            chunk_ce, hits = checkpoint(chunk_cross_entropy, rows, head, tgt, use_reentrant=False,
+                                        preserve_rng_state=False)  # nothing random in a head
+        else:
+            chunk_ce, hits = chunk_cross_entropy(rows, head, tgt)
+        ce, correct = ce + chunk_ce, correct + hits
+    return ce, correct
+
+
 DURATION_DROPOUT = 0.3  # the community trainers' default p for the duration slot falling back to speed_emb(0)
 
 
@@ -282,10 +352,11 @@ class UnifiedVoiceGPT(nn.Module):
     gradients zeroed, the community trainers' way, for comparison only).
     duration_control: the duration slot (prefix position 32) holds mel_pos_embedding(code length) instead of
     speed_emb(1), replaced by speed_emb(0) per item with probability duration_dropout in training.
+    activation_checkpointing: recompute each block in backward (memory for compute); see also compile_blocks.
     """
 
     def __init__(self, cfg: GPTConfig, base_rows: int, freeze: str = "split", duration_control: bool = False,
-                 duration_dropout: float = DURATION_DROPOUT):
+                 duration_dropout: float = DURATION_DROPOUT, activation_checkpointing: bool = False):
         super().__init__()
         if not 0 <= base_rows <= cfg.text_rows:
             raise ValueError(f"base_rows {base_rows} outside 0..{cfg.text_rows}")
@@ -312,6 +383,18 @@ class UnifiedVoiceGPT(nn.Module):
         self.mel_head = nn.Linear(dim, cfg.number_mel_codes)
         self.speed_emb = nn.Embedding(2, dim)
         nn.init.normal_(self.speed_emb.weight, std=0.02)
+        self.ce_chunk_rows = CE_CHUNK_ROWS
+        self.set_activation_checkpointing(activation_checkpointing)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        for block in self.gpt.h:
+            block.checkpointing = enabled
+
+    def compile_blocks(self) -> None:
+        """torch.compile each block's forward in place, so state_dict keys keep their names (no `_orig_mod.`).
+        The blocks share one compiled graph; dynamic shapes, as bucketed batches change B and T every step."""
+        for block in self.gpt.h:
+            block.compile(dynamic=True)
 
     def base_row_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rows 0..B-1 of text_embedding.weight, text_head.weight and text_head.bias (views, no copy)."""
@@ -329,8 +412,8 @@ class UnifiedVoiceGPT(nn.Module):
             slot = torch.where(free[:, None], speed[0].expand_as(slot), slot)
         return slot
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns text logits [B, T+2, N+1], text targets, mel logits [B, C+2, M], mel targets."""
+    def backbone_states(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The backbone's output [B, prefix + T+2 + C+2, D] (before final_norm), text targets, mel targets."""
         cfg = self.cfg
         text_in, text_tgt = aligned_inputs_and_targets(
             batch.text_ids, batch.text_lengths, cfg.start_text_token, cfg.stop_text_token)
@@ -344,21 +427,32 @@ class UnifiedVoiceGPT(nn.Module):
         ], dim=1)
         text_emb = self.text_embedding(text_in) + self.text_pos_embedding(text_in.shape[1])
         mel_emb = self.mel_embedding(mel_in) + self.mel_pos_embedding(mel_in.shape[1])
-        hidden = self.gpt(torch.cat([prefix.to(text_emb.dtype), text_emb, mel_emb], dim=1))
-        hidden = self.final_norm(hidden[:, cfg.prefix_len:])
-        text_logits = self.text_head(hidden[:, : text_in.shape[1]])
-        mel_logits = self.mel_head(hidden[:, text_in.shape[1]:])
-        return text_logits, text_tgt, mel_logits, mel_tgt
+        return self.gpt(torch.cat([prefix.to(text_emb.dtype), text_emb, mel_emb], dim=1)), text_tgt, mel_tgt
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns text logits [B, T+2, N+1], text targets, mel logits [B, C+2, M], mel targets."""
+        states, text_tgt, mel_tgt = self.backbone_states(batch)
+        hidden = self.final_norm(states[:, self.cfg.prefix_len:])
+        text_width = text_tgt.shape[1]
+        return self.text_head(hidden[:, :text_width]), text_tgt, self.mel_head(hidden[:, text_width:]), mel_tgt
 
     def loss_sums(self, batch: Batch) -> LossSums:
-        """Masked cross-entropy as the community trainers compute it, kept as token-weighted sums."""
-        text_logits, text_tgt, mel_logits, mel_tgt = self(batch)
+        """Masked cross-entropy as the community trainers compute it, kept as token-weighted sums.
+
+        Only scored positions reach final_norm and the heads (no logits for padding), in checkpointed chunks.
+        """
+        states, text_tgt, mel_tgt = self.backbone_states(batch)
         text_mask = valid_mask(text_tgt.shape[1], batch.text_lengths)
         mel_mask = valid_mask(mel_tgt.shape[1], batch.code_lengths)
-        text_ce = F.cross_entropy(text_logits[text_mask].float(), text_tgt[text_mask], reduction="sum")
-        mel_valid_logits = mel_logits[mel_mask].float()
-        mel_ce = F.cross_entropy(mel_valid_logits, mel_tgt[mel_mask], reduction="sum")
-        mel_correct = (mel_valid_logits.detach().argmax(-1) == mel_tgt[mel_mask]).sum()
+        text_count, mel_count = batch.scored_counts() or (None, None)
+        text_start = self.cfg.prefix_len
+        text_rows, text_targets = scored_rows(states, text_start, text_tgt, text_mask, text_count)
+        mel_rows, mel_targets = scored_rows(states, text_start + text_tgt.shape[1], mel_tgt, mel_mask, mel_count)
+        text_weight, text_bias = self.text_head.weight_and_bias()  # once, not per chunk (split mode concatenates)
+        text_ce, _ = chunked_cross_entropy(self.final_norm(text_rows), lambda h: F.linear(h, text_weight, text_bias),
+                                           text_targets, self.ce_chunk_rows)
+        mel_ce, mel_correct = chunked_cross_entropy(self.final_norm(mel_rows), self.mel_head, mel_targets,
+                                                    self.ce_chunk_rows)
         return LossSums(text_ce, text_mask.sum(), mel_ce, mel_mask.sum(), mel_correct)
 
 

@@ -9,6 +9,7 @@ same whether its micro-batches run in sequence, in parallel, or both. Dropout is
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -34,7 +35,7 @@ from trainer.checkpoint import (
 )
 from trainer.config import GPTConfig, load_gpt_config, read_config_yaml
 from trainer.data import collate, training_data
-from trainer.distributed import Dist, all_reduce_sum, any_rank, init_from_env
+from trainer.distributed import Dist, all_reduce_sum, any_rank, any_ranks, init_from_env
 from trainer.errors import FidelError
 from trainer.model import FREEZE_MODES, Batch, UnifiedVoiceGPT
 from trainer.optim import amp_dtype, lr_factor, make_optimizer, param_groups
@@ -58,6 +59,9 @@ class TrainConfig:
     epochs: int = 10
     max_steps: int | None = None
     batch_size: int = 8
+    # token budget per micro-batch: bucketed batches grow while size × (longest text + longest codes) stays
+    # within it, up to 4 × batch_size pairs (None: batch_size pairs per batch)
+    batch_tokens: int | None = None
     grad_accumulation: int = 1
     learning_rate: float = 2e-5
     new_rows_lr: float | None = None
@@ -78,6 +82,8 @@ class TrainConfig:
     init: str = "mean"  # mean | subtoken | random
     freeze: str = "split"  # split (base rows are buffers) | hooks (community gradient hooks, comparison only)
     duration_control: bool = False  # duration slot = mel_pos_embedding(code length), speed_emb(0) w.p. 0.3
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, more compute
+    compile: bool = False  # torch.compile the backbone blocks (dynamic shapes: one graph for all bucket sizes)
     seed: int = 1234
     num_workers: int = 0
     device: str = "auto"
@@ -177,13 +183,15 @@ def build_model(tc: TrainConfig) -> Setup:
         raise FidelError(None, f"--freeze {tc.freeze!r}: choose from {', '.join(FREEZE_MODES)}")
     torch.manual_seed(tc.seed)
     if tc.base_checkpoint is None:
-        model = UnifiedVoiceGPT(cfg, base_rows=0, freeze=tc.freeze, duration_control=tc.duration_control)
+        model = UnifiedVoiceGPT(cfg, base_rows=0, freeze=tc.freeze, duration_control=tc.duration_control,
+                                activation_checkpointing=tc.activation_checkpointing)
         return Setup(cfg, model, 0, model_base_rows_hash(model), None)
     base = load_base_checkpoint(tc.base_checkpoint, config, read_config_yaml(tc.config)["gpt"])
     base_rows = base.base_rows
     if cfg.number_text_tokens < base_rows:
         raise FidelError(tc.tokenizer, f"has {cfg.number_text_tokens} pieces, fewer than the base's {base_rows}")
     model, init = extended_model(base, cfg, base_rows, tc.init, tc.seed, tokenizer, tc.freeze, tc.duration_control)
+    model.set_activation_checkpointing(tc.activation_checkpointing)
     base_hash = base_checkpoint_rows_hash(base, base_rows)
     return Setup(cfg, model, base_rows, base_hash, init)
 
@@ -222,7 +230,9 @@ def lineage_of(tc: TrainConfig, setup: Setup, env: Dist, total_steps: int) -> di
 
 
 def effective_batch(tc: TrainConfig, env: Dist) -> dict:
-    return {"batch_size": tc.batch_size, "grad_accumulation": tc.grad_accumulation, "world": env.world}
+    batch = {"batch_size": tc.batch_size, "grad_accumulation": tc.grad_accumulation, "world": env.world}
+    # only when set, so that lineages from before the token budget compare equal
+    return {**batch, "batch_tokens": tc.batch_tokens} if tc.batch_tokens else batch
 
 
 def check_lineage(saved: dict, fresh: dict, path: Path) -> None:
@@ -270,6 +280,61 @@ def evaluate(model: UnifiedVoiceGPT, dataset, batches: list[list[int]], device: 
     return window.result("val_", env)
 
 
+class NonFiniteWatch:
+    """Non-finite steps (loss or gradient norm), noticed on the device and read on the host only when the loop
+    flushes metrics anyway, or at once where the optimizer cannot skip a step on the device (CPU, foreach).
+
+    `found` stays set from the first bad step on: the fused AdamW reads it as GradScaler's found_inf and skips
+    its update on the device, so no weight moves after that step until the loop notices and stops. Under fp16,
+    GradScaler drives found_inf itself and skips the bad step alone (its gradients are NaN: nan_unless_finite).
+    """
+
+    def __init__(self, device: torch.device, env: Dist, on_device: bool):
+        self.env = env
+        self.on_device = on_device
+        self.found = torch.zeros((), device=device)  # 0.0 or 1.0, found_inf's format
+        self.first = torch.zeros(4, dtype=torch.float64, device=device)  # step, text loss, mel loss, grad norm
+
+    def record(self, step: int, losses: torch.Tensor, grad_norm: torch.Tensor, check_grads: bool) -> None:
+        """losses: this rank's share of the step's [text loss, mel loss]; summed over ranks, the step's."""
+        losses = all_reduce_sum(losses.detach().float(), self.env)
+        bad = ~torch.isfinite(losses).all()
+        if check_grads:  # under fp16 GradScaler skips overflowed steps itself, and they are no failure
+            bad = bad | ~torch.isfinite(grad_norm)
+        step_value = torch.full((1,), step, dtype=torch.float64, device=losses.device)
+        detail = torch.cat([step_value, losses.double(), grad_norm.reshape(1).double()])
+        self.first = torch.where(bad & (self.found == 0), detail, self.first)
+        self.found = torch.maximum(self.found, bad.float())
+
+    @contextmanager
+    def skipping(self, optimizer):
+        """optimizer.step() updates nothing while found is set (optimizers with _step_supports_amp_scaling)."""
+        optimizer.grad_scale, optimizer.found_inf = None, self.found
+        try:
+            yield
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+
+    def failure(self) -> str | None:
+        """Why training must stop, or None. Reads the device."""
+        found, step, text, mel, norm = torch.cat([self.found.reshape(1).double(), self.first]).tolist()
+        if not found:
+            return None
+        if math.isfinite(text) and math.isfinite(mel):
+            return f"non-finite gradient norm {norm:.4g} at step {int(step)} (text loss {text:.4g}, mel loss {mel:.4g})"
+        return f"non-finite loss at step {int(step)} (text {text:.4g}, mel {mel:.4g})"
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer takes GradScaler's found_inf (fused AdamW): a bad step is skipped with no host sync."""
+    return getattr(optimizer, "_step_supports_amp_scaling", False)
+
+
+def fp16_scale(scaler: torch.amp.GradScaler) -> torch.Tensor | None:
+    """GradScaler's scale left on the device (get_scale() reads it back); it drops when a step is skipped."""
+    return scaler._get_scale_async().clone() if scaler.is_enabled() else None
+
+
 class LossModel(torch.nn.Module):
     """What DDP wraps: forward returns the loss sums, so gradient sync hooks see the whole graph."""
 
@@ -304,6 +369,14 @@ def convert_position(micro: int, old_plan_len: int, new_plan_len: int, group: in
     return int(micro / max(1, old_plan_len) * new_plan_len) // group * group
 
 
+def micro_batch_loader(dataset, batches: list[list[int]], tc: TrainConfig, device: torch.device):
+    """Collated batches in plan order; pinned on CUDA (Batch.pin_memory), so .to(non_blocking=True) is async."""
+    return iter(torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, collate_fn=collate, num_workers=tc.num_workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator()))  # its own generator: making a loader must not draw from the global RNG
+
+
 def train(tc: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     hooks = hooks or TrainHooks()
     env = init_from_env("cuda" if tc.device != "cpu" and torch.cuda.is_available() else "cpu")
@@ -319,9 +392,12 @@ def train(tc: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     model = setup.model.to(device)
     if model_base_rows_hash(model) != setup.base_hash:
         raise FidelError(tc.base_checkpoint, "base rows changed while building the model")
+    if tc.compile:
+        model.compile_blocks()
 
     # the Parquet dataset of `fidel data build` (its tokenizer must be this run's) or paired JSONL manifests
-    data = training_data(tc.train_manifests, tc.val_manifests, tc.batch_size, tc.seed, tokenizer=tc.tokenizer)
+    data = training_data(tc.train_manifests, tc.val_manifests, tc.batch_size, tc.seed, tokenizer=tc.tokenizer,
+                         max_tokens=tc.batch_tokens)
     accum = tc.grad_accumulation
     group = env.world * accum
     steps_per_epoch = max(1, len(data.sampler.epoch_batches(0)) // group)
@@ -388,7 +464,7 @@ def train(tc: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "step": pos.step, "epoch": pos.epoch, "position": pos.micro, "accumulation_counter": 0,
             "rng": rng_state(), "lineage": lineage, "val_history": val_history, "best": best,
-            "skipped_steps": skipped, "train_config": tc.to_dict(),
+            "skipped_steps": int(skipped), "train_config": tc.to_dict(),
             "committed_rows": list(pending),  # replayed on resume in case a kill fell between save and commit
         }
         sidecar = {"epoch": pos.epoch, "sampler": {"epoch": pos.epoch, "position": pos.micro, "seed": tc.seed},
@@ -427,6 +503,8 @@ def train(tc: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
 
     model.train()
     window, last_train = MetricWindow(device), {}
+    watch = NonFiniteWatch(device, env, on_device=skips_on_device(optimizer))
+    skipped = torch.tensor(skipped, device=device)  # counted on the device: no host sync per step
     status, reason = "completed", ""
     if pos.step == 0 and not val_history:
         validate()  # the start point "validation improves" compares against
@@ -438,36 +516,41 @@ def train(tc: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
         while pos.step < total_steps and status == "completed":
             plan = data.sampler.epoch_batches(pos.epoch)
             mine = list(rank_micro_batches(plan, pos.micro, group, accum, env))
-            loader = iter(torch.utils.data.DataLoader(
-                data.train_set, batch_sampler=[ids for _, ids in mine], collate_fn=collate,
-                num_workers=tc.num_workers, pin_memory=device.type == "cuda",
-                generator=torch.Generator()))  # its own generator: making a loader must not draw from the global RNG
+            loader = micro_batch_loader(data.train_set, [ids for _, ids in mine], tc, device)
             for first in range(0, len(mine), accum):
                 micro = [(mine[first + a][0], next(loader)) for a in range(accum)]
-                status, reason = accumulate(wrapped, micro, tc, pos.epoch, device, dtype, scaler, window, env)
-                if status != "completed":
-                    break
-                scale_before = scaler.get_scale() if scaler.is_enabled() else 0.0
-                grad_norm = optimizer_step(model, optimizer, scheduler, scaler, tc)
-                if scaler.is_enabled() and scaler.get_scale() < scale_before:
-                    skipped += 1
+                losses = accumulate(wrapped, micro, tc, pos.epoch, device, dtype, scaler, window, env)
+                scale_before = fp16_scale(scaler)
+                grad_norm = optimizer_step(model, optimizer, scheduler, scaler, tc, watch, losses, pos.step + 1)
+                if scale_before is not None:
+                    skipped += fp16_scale(scaler) < scale_before
                 pos.step += 1
                 pos.micro += group
                 writer.poll()
-                if pos.step % tc.log_interval == 0 or pos.step == total_steps:
+                log_due = pos.step % tc.log_interval == 0 or pos.step == total_steps
+                val_due = pos.step % val_every == 0 or pos.step == total_steps
+                # the device path reads the watch only where the loop syncs anyway: no host sync in between
+                if (not watch.on_device or log_due or val_due) and (failure := watch.failure()):
+                    status, reason = "failed", failure
+                    break
+                if log_due:
                     last_train = {**window.result("train_", env), "lr": scheduler.get_last_lr()[1],
                                   "grad_norm": float(grad_norm), "epoch": pos.epoch + pos.micro / max(1, len(plan)),
-                                  "skipped_steps": skipped,
+                                  "skipped_steps": int(skipped),
                                   "steps_per_s": (pos.step - steps_at_start) / max(1e-9, time.monotonic() - started)}
                     pending.append((pos.step, last_train))
                     window = MetricWindow(device)
                     hooks.on_progress(pos.step, total_steps, last_train)
-                is_best = (pos.step % val_every == 0 or pos.step == total_steps) and validate()
-                gate_stop = any_rank(gate_failure is not None, env, device)
-                stopping = any_rank(stop.requested, env, device) or gate_stop
-                overdue = tc.save_minutes and time.monotonic() - last_save_time >= tc.save_minutes * 60
-                if (pos.step % tc.save_interval == 0 or pos.step == total_steps or stopping
-                        or (is_best and tc.keep_best) or any_rank(bool(overdue), env, device)):
+                is_best = val_due and validate()
+                gate_stop = val_due and any_rank(gate_failure is not None, env, device)
+                overdue = bool(tc.save_minutes) and time.monotonic() - last_save_time >= tc.save_minutes * 60
+                requested, overdue = any_ranks([stop.requested, overdue], env, device)
+                stopping = requested or gate_stop
+                if (pos.step % tc.save_interval == 0 or pos.step == total_steps or stopping or overdue
+                        or (is_best and tc.keep_best)):
+                    if failure := watch.failure():  # never save the state after a non-finite step
+                        status, reason = "failed", failure
+                        break
                     save("gate" if gate_stop else "signal" if stopping else "interval")
                 if gate_stop:
                     status, reason = "failed", gate_failure or "a gate failed on another rank"
@@ -482,7 +565,7 @@ def train(tc: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     if status == "failed" and pending:
         hooks.on_commit(list(pending))  # keep the evidence of the failure; no checkpoint of a broken state
     return TrainResult(status, pos.step, total_steps, last_saved, lineage, val_history, last_train, reason,
-                       resumed_from, time.monotonic() - started, skipped)
+                       resumed_from, time.monotonic() - started, int(skipped))
 
 
 @contextmanager
@@ -494,12 +577,30 @@ def writer_drained(writer: AsyncCheckpointWriter):
         writer.wait()
 
 
-def accumulate(wrapped, micro: list[tuple[int, Batch]], tc: TrainConfig, epoch: int, device, dtype, scaler,
-               window: MetricWindow, env: Dist) -> tuple[str, str]:
-    """Forward and backward over one step's micro-batches on this rank, loss normalised over the global step."""
+def global_token_counts(micro: list[tuple[int, Batch]], device: torch.device, env: Dist):
+    """Scored text and mel targets of the whole step (every micro-batch on every rank), from host lengths: one
+    process keeps them on the host; DDP sums them on the device and leaves them there (no read back)."""
     counts = torch.tensor([float(sum((b.text_lengths + 1).sum() for _, b in micro)),
                            float(sum((b.code_lengths + 1).sum() for _, b in micro))], dtype=torch.float64)
-    text_tokens, mel_tokens = all_reduce_sum(counts.to(device), env).tolist()
+    if not env.enabled:
+        return counts.tolist()
+    return all_reduce_sum(counts.to(device), env).float().unbind()
+
+
+def nan_unless_finite(loss: torch.Tensor) -> torch.Tensor:
+    """loss × 1, or × NaN when it is not finite: an infinite loss can have finite gradients, and this way every
+    non-finite loss shows in the gradients, where GradScaler's fp16 check finds it on the device."""
+    return loss * torch.where(torch.isfinite(loss), 1.0, float("nan"))
+
+
+def accumulate(wrapped, micro: list[tuple[int, Batch]], tc: TrainConfig, epoch: int, device, dtype, scaler,
+               window: MetricWindow, env: Dist) -> torch.Tensor:
+    """Forward and backward over one step's micro-batches on this rank, loss normalised over the global step.
+
+    Returns this rank's share of the step's [text loss, mel loss] on the device (summed over ranks: the step's).
+    """
+    text_tokens, mel_tokens = global_token_counts(micro, device, env)
+    losses = torch.zeros(2, device=device)
     for i, (index, batch) in enumerate(micro):
         torch.manual_seed(micro_seed(tc.seed, epoch, index))
         last = i == len(micro) - 1
@@ -509,18 +610,28 @@ def accumulate(wrapped, micro: list[tuple[int, Batch]], tc: TrainConfig, epoch: 
             # DDP averages gradients over ranks; × world turns that average back into the global sum
             loss = (tc.text_loss_weight * sums.text_ce / text_tokens
                     + tc.mel_loss_weight * sums.mel_ce / mel_tokens) * env.world
-            if any_rank(not bool(torch.isfinite(loss)), env, device):
-                text_loss, mel_loss = sums.losses()
-                return "failed", f"non-finite loss (text {text_loss.item():.4g}, mel {mel_loss.item():.4g})"
-            scaler.scale(loss).backward()
+            scaler.scale(nan_unless_finite(loss)).backward()
+        losses += torch.stack([sums.text_ce.detach() / text_tokens, sums.mel_ce.detach() / mel_tokens])
         window.add(sums)
-    return "completed", ""
+    return losses
 
 
-def optimizer_step(model, optimizer, scheduler, scaler, tc: TrainConfig) -> torch.Tensor:
+def optimizer_step(model, optimizer, scheduler, scaler, tc: TrainConfig, watch: NonFiniteWatch | None = None,
+                   losses: torch.Tensor | None = None, step: int = 0) -> torch.Tensor:
+    """Unscale, clip, update, advance the schedule. With a watch, a step whose loss or gradient norm is not
+    finite updates no weight: the fused optimizer skips it on the device, any other is not stepped at all."""
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-    scaler.step(optimizer)
+    skip = nullcontext()
+    if watch is not None:
+        watch.record(step, losses, grad_norm, check_grads=not scaler.is_enabled())
+        if not watch.on_device and watch.failure():
+            optimizer.zero_grad(set_to_none=True)
+            return grad_norm
+        if watch.on_device and not scaler.is_enabled():  # with fp16, GradScaler.step sets found_inf itself
+            skip = watch.skipping(optimizer)
+    with skip:
+        scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
@@ -534,8 +645,8 @@ def apply_batch_change(lineage: dict, tc: TrainConfig, env: Dist, pos: Position,
     old_tc = saved_state["train_config"]
     from trainer.data import BucketBatchSampler
 
-    old_plan_len = len(BucketBatchSampler(*data.train_set.lengths(), old["batch_size"],
-                                          seed=old_tc["seed"]).epoch_batches(pos.epoch))
+    old_plan_len = len(BucketBatchSampler(*data.train_set.lengths(), old["batch_size"], seed=old_tc["seed"],
+                                          max_tokens=old_tc.get("batch_tokens")).epoch_batches(pos.epoch))
     new_plan_len = len(data.sampler.epoch_batches(pos.epoch))
     micro = convert_position(pos.micro, old_plan_len, new_plan_len, new["world"] * new["grad_accumulation"])
     rule = ("LR schedule kept in optimizer steps (schedule_total_steps unchanged); learning rate unchanged; "
