@@ -44,8 +44,9 @@ def add_train_parser(sub) -> None:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--amp", nargs="?", const="auto", default="off", choices=["off", "auto", "bf16", "fp16"],
                    help="mixed precision on CUDA: bf16 where supported, else fp16 with GradScaler")
-    p.add_argument("--init", default="mean", choices=["mean", "subtoken", "random"],
-                   help="new text rows: base mean, mean of transliterated base sub-tokens, or random (community)")
+    p.add_argument("--init", default="subtoken", choices=["subtoken", "mean", "random"],
+                   help="new text rows: mean of transliterated base sub-tokens (base mean where a piece has no "
+                        "reading; the default), base mean, or random (community)")
     p.add_argument("--freeze", default="split", choices=["split", "hooks"],
                    help="split: base rows are frozen buffers (default); hooks: the community trainers' gradient "
                         "hooks, for comparison only (weight decay moves base rows)")

@@ -136,7 +136,7 @@ def write_run_file(root: Path, base_dir: Path, base_tok: Path, am_tok: Path, man
         "output_dir": str((root / "runs" / run_name).resolve()), "resume": "auto", "run_name": f"demo-{run_name}",
         "train": {"max_steps": size.finetune_steps, "batch_size": 16, "learning_rate": 5e-4, "new_rows_lr": 3e-3,
                   "warmup_steps": 30, "log_interval": 10, "val_interval": max(10, size.finetune_steps // 10),
-                  "save_interval": max(10, size.finetune_steps // 10), "keep_last": 3, "init": "mean"},
+                  "save_interval": max(10, size.finetune_steps // 10), "keep_last": 3, "init": "subtoken"},
     }
     path = root / f"run-{run_name}.yaml"
     path.write_text(yaml.safe_dump(run, sort_keys=False), encoding="utf-8")

@@ -111,7 +111,7 @@ def gate_tagger(tracker: Tracker | None):
         reason = first_failure(results)
         if reason:
             tags.update({"gates": "FAIL", "gates.failed": f"step {step}: {reason}"})
-        tracker.set_tags(tags)
+        tracker.set_tags(tags, wait=False)  # called from the training loop; flushed when training returns
 
     return on_results
 

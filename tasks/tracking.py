@@ -61,21 +61,33 @@ class Tracker:
         for i in range(0, len(fresh), 100):
             self.client.log_batch(self.run_id, params=fresh[i:i + 100])
 
-    def set_tags(self, tags: dict) -> None:
+    def set_tags(self, tags: dict, wait: bool = True) -> None:
+        """wait=False queues the write on MLflow's async logging thread (the training loop's hooks); flush()."""
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()],
+                              synchronous=wait)
+
+    def flush(self) -> None:
+        """Wait until every queued (wait=False) write has reached the store.
+
+        The queue belongs to the store of this tracking URI (one per URI and process); mlflow.flush_async_logging
+        would flush only the fluent API's default store, so the client's store is flushed (mlflow 3.17)."""
+        self.client._tracking_client.store.flush_async_logging()
 
     def tags(self) -> dict:
+        self.flush()  # reads see what was queued
         return self.client.get_run(self.run_id).data.tags
 
     def logged_steps(self) -> dict[str, int]:
         """The highest step logged so far for each metric."""
+        self.flush()
         client = self.client
         keys = client.get_run(self.run_id).data.metrics
         return {k: max(m.step for m in client.get_metric_history(self.run_id, k)) for k in keys}
 
     def metric_history(self, key: str) -> list[tuple[int, float]]:
+        self.flush()
         return sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, key))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
@@ -92,6 +104,7 @@ class Tracker:
         self.client.log_text(self.run_id, text, name)
 
     def finish(self, status: str = "FINISHED") -> None:
+        self.flush()
         self.client.set_terminated(self.run_id, status)
 
     def url(self) -> str:
@@ -113,7 +126,9 @@ class MetricLog:
         return max(steps) if steps else None
 
     def commit(self, rows: list[tuple[int, dict]]) -> int:
-        """Log the rows' numeric values; returns how many (metric, step) points were skipped as already logged."""
+        """Queue the rows' numeric values on MLflow's async logging thread, so the training loop does not wait on
+        the store (Tracker.flush waits); returns how many (metric, step) points were skipped as already logged.
+        A kill can lose what is still queued: at most the newest checkpoint's rows, which a resume replays."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -128,7 +143,7 @@ class MetricLog:
                 metrics.append(Metric(key, float(value), now, step))
                 self.last[key] = step
         for i in range(0, len(metrics), 900):
-            self.tracker.client.log_batch(self.tracker.run_id, metrics=metrics[i:i + 900])
+            self.tracker.client.log_batch(self.tracker.run_id, metrics=metrics[i:i + 900], synchronous=False)
         return skipped
 
 

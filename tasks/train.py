@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from prefect import task
@@ -15,10 +16,13 @@ from tasks.tracking import MetricLog, Tracker
 from trainer.train import TrainHooks, TrainResult, train
 
 
+PROGRESS_UPDATE_S = 10.0
+
+
 def progress_hooks(tracker: Tracker | None, show_progress: bool, progress_artifact: bool = True) -> tuple[
         TrainHooks, list]:
     bar_holder: list = []
-    artifact: dict = {}
+    artifact: dict = {"updated": 0.0}
     metric_log = MetricLog(tracker) if tracker is not None else None
 
     def on_start(info: dict) -> None:
@@ -48,7 +52,9 @@ def progress_hooks(tracker: Tracker | None, show_progress: bool, progress_artifa
             bar = bar_holder[0]
             bar.update(step - bar.n)
             bar.set_postfix(text=f"{metrics['train_text_loss']:.3f}", mel=f"{metrics['train_mel_loss']:.3f}")
-        if artifact.get("id"):
+        # a call to the Prefect API per log interval would cost the loop its latency: at most one per interval
+        if artifact.get("id") and (step >= total or time.monotonic() - artifact["updated"] >= PROGRESS_UPDATE_S):
+            artifact["updated"] = time.monotonic()
             update_progress_artifact(artifact["id"], 100.0 * step / max(1, total),
                                      description=f"training: step {step}/{total}, text loss "
                                                  f"{metrics['train_text_loss']:.3f}, mel loss "
@@ -64,7 +70,7 @@ def progress_hooks(tracker: Tracker | None, show_progress: bool, progress_artifa
     def on_checkpoint(path: Path, sidecar: dict) -> None:
         if tracker is not None:
             tracker.set_tags({"checkpoint.latest": str(path), "checkpoint.step": sidecar["step"],
-                              "checkpoint.sha256": sidecar["sha256"]})
+                              "checkpoint.sha256": sidecar["sha256"]}, wait=False)
 
     return TrainHooks(on_start=on_start, on_commit=on_commit, on_checkpoint=on_checkpoint,
                       on_progress=on_progress), bar_holder
@@ -102,6 +108,8 @@ def training(spec: RunSpec, data_dir: str, decision: dict, tracker: Tracker | No
     finally:
         for bar in bars:
             bar.close()
+        if tracker is not None:
+            tracker.flush()  # metrics and tags the loop queued reach the store before anything reads them
     logger().info("training %s at step %d/%d %s", result.status, result.step, result.total_steps, result.reason)
     if tracker is not None:
         tracker.set_tags({"train.status": result.status, "train.step": result.step})

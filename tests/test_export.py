@@ -69,7 +69,7 @@ def test_export_is_upstreams_layout_with_the_base_bytes_kept(full_layout_project
         k: v for k, v in read_config_yaml(fixture.config).items() if k != "gpt"}
     assert (out / "bpe.model").read_bytes() == Path(project.tokenizer).read_bytes()
     assert record["number_text_tokens"] == pieces and record["keys"] == len(base) and record["dtype"] == "float32"
-    assert "byte-identical" in record["checked"] and record["init"]["method"] == "mean"
+    assert "byte-identical" in record["checked"] and record["init"]["method"] == "subtoken"
 
     model = UnifiedVoiceGPT(load_gpt_config(out / "config.yaml").with_text_tokens(pieces), base_rows=b)
     load_upstream_state_dict(model, {k: v for k, v in exported.items() if k in upstream_state_dict(model)})

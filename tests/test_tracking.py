@@ -66,6 +66,7 @@ def test_metric_log_never_logs_a_step_twice_across_a_resume(tmp_path, mlflow_uri
     assert log.high_water() == 30
     skipped = log.commit([(s, {"train_loss": 2.0, "val_loss": 3.0}) for s in range(21, 41)])
     assert skipped == 10
+    resumed.flush()  # commit queues on MLflow's async logging thread; the store has it after a flush
     client = MlflowClient(mlflow_uri)
     steps = [m.step for m in client.get_metric_history(tracker.run_id, "train_loss")]
     assert sorted(steps) == list(range(1, 41))
@@ -145,6 +146,7 @@ def test_a_kill_between_checkpoints_then_a_resume_logs_every_step_once(tiny_proj
     tc = make_train_config(tiny_project, out, resume="auto", mlflow_run_id=tracker.run_id)
     with pytest.raises(Killed):
         train(tc, hooks)
+    tracker.flush()  # the hooks queue their writes (tasks.train.training flushes when train returns)
     client = MlflowClient(mlflow_uri)
     assert max(m.step for m in client.get_metric_history(tracker.run_id, "train_mel_loss")) == 20
 
@@ -152,6 +154,7 @@ def test_a_kill_between_checkpoints_then_a_resume_logs_every_step_once(tiny_proj
     hooks, _ = progress_hooks(resumed, show_progress=False, progress_artifact=False)
     result = train(tc, hooks)
     assert result.status == "completed" and result.resumed_from == 20
+    resumed.flush()
     for key in ("train_mel_loss", "train_text_loss", "lr"):
         assert sorted(m.step for m in client.get_metric_history(tracker.run_id, key)) == list(range(5, 31, 5))
     assert sorted(m.step for m in client.get_metric_history(tracker.run_id, "val_mel_loss")) == [0, 10, 20, 30]

@@ -79,7 +79,7 @@ class TrainConfig:
     keep_best: bool = True  # keep the checkpoint with the best validation loss beside the last ones
     async_save: bool = True  # write checkpoints in the background; the loop waits only for a CPU snapshot
     amp: str = "off"  # off | auto | bf16 | fp16
-    init: str = "mean"  # mean | subtoken | random
+    init: str = "subtoken"  # subtoken | mean | random (benchmarks/init_compare.py)
     freeze: str = "split"  # split (base rows are buffers) | hooks (community gradient hooks, comparison only)
     duration_control: bool = False  # duration slot = mel_pos_embedding(code length), speed_emb(0) w.p. 0.3
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, more compute
