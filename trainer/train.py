@@ -580,8 +580,9 @@ def writer_drained(writer: AsyncCheckpointWriter):
 def global_token_counts(micro: list[tuple[int, Batch]], device: torch.device, env: Dist):
     """Scored text and mel targets of the whole step (every micro-batch on every rank), from host lengths: one
     process keeps them on the host; DDP sums them on the device and leaves them there (no read back)."""
-    counts = torch.tensor([float(sum((b.text_lengths + 1).sum() for _, b in micro)),
-                           float(sum((b.code_lengths + 1).sum() for _, b in micro))], dtype=torch.float64)
+    scored = [b.scored_counts() for _, b in micro]
+    counts = torch.tensor([float(sum(text for text, _ in scored)), float(sum(mel for _, mel in scored))],
+                          dtype=torch.float64)
     if not env.enabled:
         return counts.tolist()
     return all_reduce_sum(counts.to(device), env).float().unbind()
