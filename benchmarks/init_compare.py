@@ -8,6 +8,8 @@ against `random` (the community trainers' init). Goal: the best init needs at mo
 
 Run: .venv/bin/python benchmarks/init_compare.py --root /tmp/fidel-demo [--steps 300] [--threshold 3.0]
 (builds the demo corpus and base model under --root first if they are not there: several minutes on 2 cores)
+On a real base (runs go under --root): add --base-dir CHECKPOINTS --tokenizer am/bpe.model
+--train-manifest train_pairs.jsonl --val-manifest val_pairs.jsonl.
 
 What limits it on the demo: the demo's base is a 1.07M-value GPT trained minutes on espeak English word lists,
 and its Amharic sentences are random word lists, so the base knows nothing that predicts Amharic text. Every
@@ -50,6 +52,21 @@ def build_demo(root: Path, quick: bool) -> dict:
     return {"base_dir": base_dir, "tokenizer": am_tok, "train": train_path, "val": val_path}
 
 
+def given_run(args) -> dict | None:
+    """A real base instead of the demo: all four of --base-dir, --tokenizer, --train-manifest, --val-manifest."""
+    given = (args.base_dir, args.tokenizer, args.train_manifest, args.val_manifest)
+    if not any(given):
+        return None
+    if not all(given):
+        raise SystemExit("init_compare: --base-dir, --tokenizer, --train-manifest and --val-manifest go together")
+    base_dir = Path(args.base_dir).resolve()
+    for needed in (base_dir / "config.yaml", base_dir / "gpt.pth", Path(args.tokenizer)):
+        if not needed.is_file():
+            raise SystemExit(f"init_compare: {needed}: not a file")
+    return {"base_dir": base_dir, "tokenizer": Path(args.tokenizer).resolve(), "train": args.train_manifest,
+            "val": args.val_manifest}
+
+
 def steps_to(history: list[dict], threshold: float) -> int | None:
     return next((h["step"] for h in history if h["val_text_loss"] <= threshold), None)
 
@@ -85,10 +102,14 @@ def main() -> int:
     parser.add_argument("--warmup-steps", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--base-dir", help="a real base instead of the demo: folder with config.yaml and gpt.pth")
+    parser.add_argument("--tokenizer", help="with --base-dir: the extended bpe.model")
+    parser.add_argument("--train-manifest", help="with --base-dir: paired train manifest (or .parquet)")
+    parser.add_argument("--val-manifest", help="with --base-dir: paired val manifest (or .parquet)")
     args = parser.parse_args()
 
     root = Path(args.root).resolve()
-    demo = build_demo(root, args.quick)
+    demo = given_run(args) or build_demo(root, args.quick)
     out = root / "init_compare" / time.strftime("%Y%m%d-%H%M%S")
     print(f"init_compare: {args.steps} steps, seed {args.seed}, threshold val_text_loss <= {args.threshold}; "
           f"runs in {out}", flush=True)
