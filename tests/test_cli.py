@@ -41,6 +41,14 @@ def test_bad_input_is_one_line_naming_the_file(tiny_project, tmp_path, capsys):
     assert err == f"error: {missing}: config file not found"
 
 
+def test_counts_that_are_not_positive_are_one_line_and_write_nothing(tiny_project, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(train_args(tiny_project, out, "--batch-tokens", "-5", "--save-every", "0")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --save-interval 0, --batch-tokens -5: must be a positive count") and "\n" not in err
+    assert not out.exists()
+
+
 def test_triage_and_export_commands(tiny_project, tmp_path, capsys):
     assert main(train_args(tiny_project, tmp_path / "out")) == 0
     capsys.readouterr()

@@ -173,7 +173,21 @@ class Setup:
     init: InitRecord | None
 
 
+POSITIVE_SETTINGS = ("batch_size", "grad_accumulation", "epochs", "log_interval", "save_interval")
+
+
+def check_counts(tc: TrainConfig) -> None:
+    """Counts that must be positive (or, for batch_tokens and max_steps, unset): one line naming the flag."""
+    bad = [name for name in POSITIVE_SETTINGS if getattr(tc, name) < 1]
+    bad += [name for name in ("batch_tokens", "max_steps") if getattr(tc, name) is not None and getattr(tc, name) < 1]
+    bad += ["val_interval"] if tc.val_interval < 0 else []
+    if bad:
+        shown = ", ".join(f"--{name.replace('_', '-')} {getattr(tc, name)}" for name in bad)
+        raise FidelError(None, f"{shown}: must be a positive count (--val-interval 0: once per epoch)")
+
+
 def build_model(tc: TrainConfig) -> Setup:
+    check_counts(tc)
     tokenizer = load_tokenizer(tc.tokenizer)
     config = load_gpt_config(tc.config)
     cfg = config.with_text_tokens(tokenizer.get_piece_size())
