@@ -13,55 +13,19 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 
 
+class Parser(argparse.ArgumentParser):
+    """A usage mistake ends in one line too, like every other bad input (argparse would print the usage first)."""
+
+    def error(self, message):
+        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message}\n")
+
+
 def add_train_parser(sub) -> None:
+    from trainer.options import LaunchOptions, TrainConfig, add_flags
+
     p = sub.add_parser("train", help="train directly, no Prefect (community train_gpt_v2.py flags)")
-    p.add_argument("--train-manifest", dest="train_manifests", action="append", required=True,
-                   help="paired JSONL manifest, optionally PATH::lang; repeat for several")
-    p.add_argument("--val-manifest", dest="val_manifests", action="append", required=True)
-    p.add_argument("--tokenizer", default="checkpoints/bpe.model", help="the extended sentencepiece model")
-    p.add_argument("--config", default="checkpoints/config.yaml", help="IndexTTS2 config.yaml of the base")
-    p.add_argument("--base-checkpoint", default="checkpoints/gpt.pth")
-    p.add_argument("--output-dir", default="trained_checkpoints")
-    p.add_argument("--resume", default="", help="a checkpoint path, or 'auto' for the newest valid one")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--batch-tokens", type=int, default=None,
-                   help="token budget per micro-batch: length-bucketed batches grow while pairs × (longest text + "
-                        "longest codes) fits, up to 4 × --batch-size pairs")
-    p.add_argument("--grad-accumulation", type=int, default=1)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--max-steps", type=int, default=0, help="optimizer steps (0: epochs decide)")
-    p.add_argument("--learning-rate", type=float, default=2e-5)
-    p.add_argument("--new-rows-lr", type=float, default=None, help="learning rate of the new text rows")
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--warmup-steps", type=int, default=100)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--text-loss-weight", type=float, default=0.2)
-    p.add_argument("--mel-loss-weight", type=float, default=0.8)
-    p.add_argument("--log-interval", type=int, default=10)
-    p.add_argument("--val-interval", type=int, default=0, help="steps between validations (0: once per epoch)")
-    p.add_argument("--save-every", "--save-interval", dest="save_interval", type=int, default=500)
-    p.add_argument("--keep-checkpoints", dest="keep_last", type=int, default=3)
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--amp", nargs="?", const="auto", default="off", choices=["off", "auto", "bf16", "fp16"],
-                   help="mixed precision on CUDA: bf16 where supported, else fp16 with GradScaler")
-    p.add_argument("--init", default="subtoken", choices=["subtoken", "mean", "random"],
-                   help="new text rows: mean of transliterated base sub-tokens (base mean where a piece has no "
-                        "reading; the default), base mean, or random (community)")
-    p.add_argument("--freeze", default="split", choices=["split", "hooks"],
-                   help="split: base rows are frozen buffers (default); hooks: the community trainers' gradient "
-                        "hooks, for comparison only (weight decay moves base rows)")
-    p.add_argument("--duration-control", action="store_true",
-                   help="train the duration slot on the target code length (speed_emb(0) with p=0.3)")
-    p.add_argument("--activation-checkpointing", action="store_true",
-                   help="recompute each transformer block in backward: less activation memory, more compute")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the transformer blocks (dynamic shapes; the first steps pay the compile)")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--freeze-conditioning", action="store_true",
-                   help="accepted for compatibility: fidel never trains the conditioning encoders")
-    p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) on this machine, via torchrun and DDP")
-    p.add_argument("--save-minutes", type=float, default=0.0, help="also save every this many minutes (0: off)")
+    add_flags(p, TrainConfig)
+    add_flags(p, LaunchOptions)
     p.set_defaults(func=cmd_train)
 
 
@@ -77,23 +41,15 @@ def without_option(argv: list[str], name: str) -> list[str]:
 
 
 def cmd_train(args) -> int:
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from trainer.distributed import launch_torchrun
-
-        return launch_torchrun(args.nproc, without_option(args.argv, "--nproc"))
+    from trainer.options import LaunchOptions, from_args
     from trainer.train import EXIT_PREEMPTED, TrainConfig, TrainHooks, train
 
-    tc = TrainConfig(
-        train_manifests=args.train_manifests, val_manifests=args.val_manifests, tokenizer=args.tokenizer,
-        config=args.config, output_dir=args.output_dir, base_checkpoint=args.base_checkpoint,
-        resume=args.resume or None, epochs=args.epochs, max_steps=args.max_steps or None,
-        batch_size=args.batch_size, grad_accumulation=args.grad_accumulation, learning_rate=args.learning_rate,
-        new_rows_lr=args.new_rows_lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
-        grad_clip=args.grad_clip, text_loss_weight=args.text_loss_weight, mel_loss_weight=args.mel_loss_weight,
-        log_interval=args.log_interval, val_interval=args.val_interval, save_interval=args.save_interval,
-        keep_last=args.keep_last, save_minutes=args.save_minutes, amp=args.amp, init=args.init, seed=args.seed,
-        num_workers=args.num_workers, device=args.device, freeze=args.freeze, duration_control=args.duration_control,
-        batch_tokens=args.batch_tokens, activation_checkpointing=args.activation_checkpointing, compile=args.compile)
+    tc = TrainConfig(**from_args(TrainConfig, args))
+    launch = LaunchOptions(**from_args(LaunchOptions, args))
+    if launch.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from trainer.distributed import launch_torchrun
+
+        return launch_torchrun(launch.nproc, without_option(args.argv, "--nproc"))
 
     def line(metrics: dict) -> str:
         return " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
@@ -118,6 +74,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from tasks.spec import load_run_spec
+
+    load_run_spec(args.config)  # every setting checked before Prefect, MLflow or any stage starts
     from flows.finetune import finetune
 
     summary = finetune(run_config=args.config, show_progress=not args.no_progress)
@@ -139,6 +98,14 @@ def print_summary(summary: dict) -> None:
           f"http://127.0.0.1:5000/#/experiments/{summary['experiment_id']}/runs/{summary['mlflow_run_id']}")
 
 
+def cmd_options(args) -> int:
+    from tasks.spec import RunSpec
+    from trainer.options import LaunchOptions, TrainConfig, markdown_table
+
+    print(markdown_table(TrainConfig, LaunchOptions, RunSpec), end="")
+    return 0
+
+
 def cmd_export(args) -> int:
     from trainer.export import export_model
 
@@ -154,7 +121,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fidel", description=__doc__)
+    parser = Parser(prog="fidel", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="build the small Amharic demo corpus and run the whole flow on it")
@@ -170,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     add_train_parser(sub)
+
+    options = sub.add_parser("options", help="print every option (flag, run.yaml key, default, range) as a table")
+    options.add_argument("--markdown", action="store_true", help="as a Markdown table (the README's; the default)")
+    options.set_defaults(func=cmd_options)
 
     from flows.cli_triage import add_commands as add_triage_commands
 

@@ -45,14 +45,10 @@ def cmd_triage(args) -> int:
 def cmd_experimental_resume(args) -> int:
     from tasks.gates import gate_tagger
     from trainer.experimental import experimental_resume
-    from trainer.train import TrainConfig, TrainHooks
+    from trainer.options import TrainConfig, from_args
+    from trainer.train import TrainHooks
 
-    tc = TrainConfig(
-        train_manifests=args.train_manifests, val_manifests=args.val_manifests, tokenizer=args.tokenizer,
-        config=args.config, output_dir=args.output_dir, base_checkpoint=args.base_checkpoint,
-        max_steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        warmup_steps=args.warmup_steps, val_interval=args.val_interval, save_interval=args.save_interval,
-        device=args.device, seed=args.seed)
+    tc = TrainConfig(**from_args(TrainConfig, args))
     tracker = None
     if args.tracking_uri:
         from tasks.tracking import open_run
@@ -71,7 +67,15 @@ def cmd_experimental_resume(args) -> int:
     return 0 if run.result.status == "completed" else 1
 
 
+RESUME_OPTIONS = ("train_manifests", "val_manifests", "tokenizer", "config", "base_checkpoint", "output_dir",
+                  "max_steps", "batch_size", "learning_rate", "warmup_steps", "val_interval", "save_interval",
+                  "device", "seed")
+RESUME_REQUIRED = ("tokenizer", "config", "base_checkpoint", "output_dir", "max_steps")
+
+
 def add_commands(sub) -> None:
+    from trainer.options import TrainConfig, add_flags
+
     t = sub.add_parser("triage", help="inspect checkpoints (fidel or community): fresh, resume, experimental or "
                                       "refuse, with the evidence")
     t.add_argument("path", help="a checkpoint file, a fidel output dir or a community trainer's output dir")
@@ -91,21 +95,8 @@ def add_commands(sub) -> None:
                                                    "zero their Adam moments and resume into a new dir behind the "
                                                    "text-loss gate")
     e.add_argument("checkpoint")
-    e.add_argument("--train-manifest", dest="train_manifests", action="append", required=True)
-    e.add_argument("--val-manifest", dest="val_manifests", action="append", required=True)
-    e.add_argument("--tokenizer", required=True)
-    e.add_argument("--config", required=True)
-    e.add_argument("--base-checkpoint", required=True)
-    e.add_argument("--output-dir", required=True, help="a new dir: the resume never writes beside the original")
-    e.add_argument("--max-steps", type=int, required=True, help="the step to train to (beyond the checkpoint's)")
+    add_flags(e, TrainConfig, only=RESUME_OPTIONS, required=RESUME_REQUIRED)
     e.add_argument("--text-loss-threshold", type=float, default=3.0)
     e.add_argument("--within-steps", type=int, default=5000, help="steps after the resume to get below it")
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--learning-rate", type=float, default=2e-5)
-    e.add_argument("--warmup-steps", type=int, default=100)
-    e.add_argument("--val-interval", type=int, default=500)
-    e.add_argument("--save-interval", type=int, default=500)
-    e.add_argument("--device", default="auto")
-    e.add_argument("--seed", type=int, default=1234)
     e.add_argument("--tracking-uri", default=None, help="MLflow store to tag the gate results on (optional)")
     e.set_defaults(func=cmd_experimental_resume)

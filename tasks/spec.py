@@ -2,38 +2,40 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
 
 from trainer.errors import FidelError
-from trainer.train import TrainConfig
-
-REQUIRED = ("train_manifests", "val_manifests", "tokenizer", "base_tokenizer", "config", "base_checkpoint",
-            "output_dir")
-TRAIN_KEYS = {f.name for f in fields(TrainConfig)} - {
-    "train_manifests", "val_manifests", "tokenizer", "config", "output_dir", "base_checkpoint", "resume",
-    "mlflow_run_id"}
+from trainer.options import TrainConfig, check, from_mapping, option, same_as, section
 
 
 @dataclass
 class RunSpec:
-    train_manifests: list[str]
-    val_manifests: list[str]
-    tokenizer: str
-    base_tokenizer: str
-    config: str
-    base_checkpoint: str
-    output_dir: str
-    resume: str = "auto"
-    train: dict = field(default_factory=dict)  # TrainConfig fields
-    max_bad_rows: float = 0.05
-    min_script_share: float | None = 0.5
-    tracking_uri: str = "sqlite:///mlruns/mlflow.db"
-    experiment: str = "fidel"
-    run_name: str | None = None
-    enforce_inference_smoke: bool = False  # the inference-smoke gate fails the run instead of only reporting
+    """The run file's settings, each defined once (trainer/options.py): run.yaml is checked against them."""
+
+    train_manifests: list[str] = same_as(TrainConfig, "train_manifests")
+    val_manifests: list[str] = same_as(TrainConfig, "val_manifests")
+    tokenizer: str = same_as(TrainConfig, "tokenizer")
+    base_tokenizer: str = option(help="the base sentencepiece model the tokenizer extends", flag=None)
+    config: str = same_as(TrainConfig, "config")
+    base_checkpoint: str = same_as(TrainConfig, "base_checkpoint")
+    output_dir: str = same_as(TrainConfig, "output_dir")
+    resume: str = same_as(TrainConfig, "resume", default="auto")
+    train: dict = section(TrainConfig, help="TrainConfig settings (the train.* keys)")
+    max_bad_rows: float = option(0.05, help="share of rows the data checks may drop before the run stops",
+                                 flag=None, min=0, max=1)
+    min_script_share: float | None = option(0.5, help="least share of the expected script in each text (unset: "
+                                                      "no check)", flag=None, min=0, max=1)
+    tracking_uri: str = option("sqlite:///mlruns/mlflow.db", help="the MLflow tracking store", flag=None)
+    experiment: str = option("fidel", help="the MLflow experiment", flag=None)
+    run_name: str | None = option(None, help="the MLflow run's name", flag=None)
+    enforce_inference_smoke: bool = option(False, help="the inference-smoke gate fails the run instead of only "
+                                                       "reporting", flag=None)
+
+    def __post_init__(self):
+        check(self)
 
     def train_config(self, data_dir: Path | None = None, mlflow_run_id: str | None = None) -> TrainConfig:
         """Training reads the Parquet dataset the data stage built when given its folder."""
@@ -56,32 +58,27 @@ def load_run_spec(path: str | Path) -> RunSpec:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise FidelError(path, f"not valid YAML ({str(exc).splitlines()[0]})") from exc
-    if not isinstance(raw, dict):
-        raise FidelError(path, "expected a mapping of settings")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FidelError(path, f"cannot read the run file ({exc.strerror or exc})") from exc
     return run_spec_from_dict(raw, path)
 
 
 def run_spec_from_dict(raw: dict, path: Path | None = None) -> RunSpec:
-    known = {f.name for f in fields(RunSpec)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise FidelError(path, f"unknown setting(s) {', '.join(unknown)}")
-    missing = [k for k in REQUIRED if k not in raw]
-    if missing:
-        raise FidelError(path, f"missing setting(s) {', '.join(missing)}")
-    bad_train = sorted(set(raw.get("train") or {}) - TRAIN_KEYS)
-    if bad_train:
-        raise FidelError(path, f"unknown train setting(s) {', '.join(bad_train)}")
+    """Every setting checked (types, ranges, unknown and missing keys) before anything runs."""
+    values = from_mapping(RunSpec, raw, path)
     folder = path.parent if path else Path(".")
 
     def resolve(value: str) -> str:
         head, sep, lang = str(value).partition("::")
         return str((folder / head).resolve()) + (sep + lang if sep else "")
 
-    spec = RunSpec(**{**raw, "train": dict(raw.get("train") or {})})
+    spec = RunSpec(**values)
     for name in ("train_manifests", "val_manifests"):
-        value = getattr(spec, name)
-        setattr(spec, name, [resolve(v) for v in ([value] if isinstance(value, str) else value)])
+        setattr(spec, name, [resolve(v) for v in getattr(spec, name)])
     for name in ("tokenizer", "base_tokenizer", "config", "base_checkpoint", "output_dir"):
         setattr(spec, name, resolve(getattr(spec, name)))
+    try:
+        spec.train_config()  # rules across settings (TrainConfig's own check)
+    except FidelError as exc:
+        raise FidelError(path, f"train: {exc.problem}") from None
     return spec

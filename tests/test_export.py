@@ -134,8 +134,7 @@ def test_train_cli_passes_freeze_duration_control_and_init(monkeypatch, tmp_path
                   str(tmp_path), "--freeze", "hooks", "--duration-control", "--init", "subtoken"]) == 0
     tc = seen["tc"]
     assert (tc.freeze, tc.duration_control, tc.init) == ("hooks", True, "subtoken")
-    with pytest.raises(SystemExit):
-        fidel(["train", "--train-manifest", "t", "--val-manifest", "v", "--init", "zeros"])
+    assert fidel(["train", "--train-manifest", "t", "--val-manifest", "v", "--init", "zeros"]) == 2
 
 
 def test_a_from_scratch_model_exports_its_training_path(tiny_project, make_train_config, tmp_path):

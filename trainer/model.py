@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from trainer.config import GPTConfig
+from trainer.options import FREEZE_MODES  # defined with the --freeze option
 
 DROPOUT = 0.1  # GPT2Config as upstream builds it: resid, embd and attn dropout all 0.1
 LAYER_NORM_EPS = 1e-5
@@ -106,9 +107,6 @@ class LearnedPositions(nn.Module):
 
     def forward(self, length: int) -> torch.Tensor:
         return self.emb.weight[:length]
-
-
-FREEZE_MODES = ("split", "hooks")
 
 
 class SplitEmbedding(nn.Module):

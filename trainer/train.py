@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,60 +37,15 @@ from trainer.config import GPTConfig, load_gpt_config, read_config_yaml
 from trainer.data import collate, training_data
 from trainer.distributed import Dist, all_reduce_sum, any_rank, any_ranks, init_from_env
 from trainer.errors import FidelError
-from trainer.model import FREEZE_MODES, Batch, UnifiedVoiceGPT
+from trainer.model import Batch, UnifiedVoiceGPT
 from trainer.optim import amp_dtype, lr_factor, make_optimizer, param_groups
+from trainer.options import TrainConfig
 from trainer.tokenizer import load_tokenizer
-from trainer.vocab import INIT_METHODS, InitRecord, extended_model
+from trainer.vocab import InitRecord, extended_model
 from trainer.weights import base_checkpoint_rows_hash, load_base_checkpoint, model_base_rows_hash
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved and resumable
 FROZEN_BUFFERS = ("text_embedding.base", "text_head.base_weight", "text_head.base_bias")
-
-
-@dataclass
-class TrainConfig:
-    train_manifests: list[str]
-    val_manifests: list[str]
-    tokenizer: str
-    config: str
-    output_dir: str
-    base_checkpoint: str | None = None  # None: train from scratch with no base rows (the demo's base model)
-    resume: str | None = None  # None: fresh; "auto": newest valid checkpoint in output_dir; or a path
-    epochs: int = 10
-    max_steps: int | None = None
-    batch_size: int = 8
-    # token budget per micro-batch: bucketed batches grow while size × (longest text + longest codes) stays
-    # within it, up to 4 × batch_size pairs (None: batch_size pairs per batch)
-    batch_tokens: int | None = None
-    grad_accumulation: int = 1
-    learning_rate: float = 2e-5
-    new_rows_lr: float | None = None
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    text_loss_weight: float = 0.2
-    mel_loss_weight: float = 0.8
-    log_interval: int = 10
-    val_interval: int = 100  # 0: once per epoch
-    save_interval: int = 100
-    save_minutes: float = 0.0  # also save when this many minutes passed since the last save (0: off)
-    keep_last: int = 3
-    keep_best: bool = True  # keep the checkpoint with the best validation loss beside the last ones
-    async_save: bool = True  # write checkpoints in the background; the loop waits only for a CPU snapshot
-    amp: str = "off"  # off | auto | bf16 | fp16
-    init: str = "subtoken"  # subtoken | mean | random (benchmarks/init_compare.py)
-    freeze: str = "split"  # split (base rows are buffers) | hooks (community gradient hooks, comparison only)
-    duration_control: bool = False  # duration slot = mel_pos_embedding(code length), speed_emb(0) w.p. 0.3
-    activation_checkpointing: bool = False  # recompute each block in backward: less memory, more compute
-    compile: bool = False  # torch.compile the backbone blocks (dynamic shapes: one graph for all bucket sizes)
-    seed: int = 1234
-    num_workers: int = 0
-    device: str = "auto"
-    mlflow_run_id: str | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -173,28 +128,10 @@ class Setup:
     init: InitRecord | None
 
 
-POSITIVE_SETTINGS = ("batch_size", "grad_accumulation", "epochs", "log_interval", "save_interval")
-
-
-def check_counts(tc: TrainConfig) -> None:
-    """Counts that must be positive (or, for batch_tokens and max_steps, unset): one line naming the flag."""
-    bad = [name for name in POSITIVE_SETTINGS if getattr(tc, name) < 1]
-    bad += [name for name in ("batch_tokens", "max_steps") if getattr(tc, name) is not None and getattr(tc, name) < 1]
-    bad += ["val_interval"] if tc.val_interval < 0 else []
-    if bad:
-        shown = ", ".join(f"--{name.replace('_', '-')} {getattr(tc, name)}" for name in bad)
-        raise FidelError(None, f"{shown}: must be a positive count (--val-interval 0: once per epoch)")
-
-
 def build_model(tc: TrainConfig) -> Setup:
-    check_counts(tc)
     tokenizer = load_tokenizer(tc.tokenizer)
     config = load_gpt_config(tc.config)
     cfg = config.with_text_tokens(tokenizer.get_piece_size())
-    if tc.init not in INIT_METHODS:
-        raise FidelError(None, f"--init {tc.init!r}: choose from {', '.join(INIT_METHODS)}")
-    if tc.freeze not in FREEZE_MODES:
-        raise FidelError(None, f"--freeze {tc.freeze!r}: choose from {', '.join(FREEZE_MODES)}")
     torch.manual_seed(tc.seed)
     if tc.base_checkpoint is None:
         model = UnifiedVoiceGPT(cfg, base_rows=0, freeze=tc.freeze, duration_control=tc.duration_control,

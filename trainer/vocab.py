@@ -24,9 +24,8 @@ from trainer import translit
 from trainer.config import GPTConfig
 from trainer.errors import FidelError
 from trainer.model import SPLIT_KEYS, UnifiedVoiceGPT, load_upstream_state_dict
+from trainer.options import INIT_METHODS  # defined with the --init option
 from trainer.weights import BaseCheckpoint, tensor_sha256
-
-INIT_METHODS = ("mean", "subtoken", "random")
 
 
 @dataclass
