@@ -173,6 +173,23 @@ def read_manifests(specs: Sequence[str | Path]) -> list[Pair]:
 
 # ----------------------------------------------------------------------------- pairing unpaired manifests
 
+def pick_prompts(by_speaker: dict[str, list[str]], pairs_per_target: int, seed: int
+                 ) -> tuple[list[tuple[str, str, str]], list[str]]:
+    """(speaker, target id, prompt id): up to `pairs_per_target` prompts per target, drawn from the other
+    utterances of its speaker; and the speakers that cannot form a pair (one utterance, or no speaker name)."""
+    rng = random.Random(seed)
+    pairs, skipped = [], []
+    for speaker in sorted(by_speaker):
+        ids = by_speaker[speaker]
+        if len(ids) < 2 or not speaker:
+            skipped.append(speaker or "(no speaker)")
+            continue
+        for target in ids:
+            others = [p for p in ids if p != target]
+            pairs += [(speaker, target, prompt) for prompt in rng.sample(others, min(pairs_per_target, len(others)))]
+    return pairs, skipped
+
+
 @dataclass
 class PairingSummary:
     utterances: int
@@ -198,7 +215,6 @@ def pair_manifest(src: str | Path, out: str | Path, pairs_per_target: int = 2, s
         if missing:
             raise FidelError(src, f"line {number}: missing field(s) {', '.join(missing)} of an unpaired manifest")
         by_speaker.setdefault(str(record.get("speaker") or ""), []).append(record)
-    rng = random.Random(seed)
 
     def rel(value: str | None) -> str | None:
         if not value:
@@ -213,31 +229,28 @@ def pair_manifest(src: str | Path, out: str | Path, pairs_per_target: int = 2, s
         except (OSError, ValueError):
             return 0
 
-    pairs, skipped = [], []
-    for speaker in sorted(by_speaker):
-        items = by_speaker[speaker]
-        if len(items) < 2 or not speaker:
-            skipped.append(speaker or "(no speaker)")
-            continue
-        for target in items:
-            others = [p for p in items if p["id"] != target["id"]]
-            for prompt in rng.sample(others, min(pairs_per_target, len(others))):
-                pairs.append({
-                    "id": f"{target['id']}__{prompt['id']}", "speaker": speaker,
-                    "language": target.get("language", ""), "prompt_id": str(prompt["id"]),
-                    "prompt_speaker": speaker, "prompt_audio_path": rel(prompt.get("audio_path")),
-                    "prompt_condition_path": rel(prompt["condition_path"]),
-                    "prompt_condition_len": prompt.get("condition_len", 32),
-                    "prompt_emo_vec_path": rel(prompt.get("emo_vec_path")),
-                    "prompt_duration": prompt.get("duration"), "target_id": str(target["id"]),
-                    "target_audio_path": rel(target.get("audio_path")), "target_text": target.get("text", ""),
-                    "target_text_ids_path": rel(target["text_ids_path"]),
-                    "target_text_len": length(target, "text_len", "text_ids_path"),
-                    "target_codes_path": rel(target["codes_path"]),
-                    "target_code_len": length(target, "code_len", "codes_path"),
-                    "target_emo_vec_path": rel(target.get("emo_vec_path")),
-                    "target_duration": target.get("duration"),
-                })
+    records = {str(r["id"]): r for items in by_speaker.values() for r in items}
+    picked, skipped = pick_prompts({s: [str(r["id"]) for r in items] for s, items in by_speaker.items()},
+                                   pairs_per_target, seed)
+    pairs = []
+    for speaker, target_id, prompt_id in picked:
+        target, prompt = records[target_id], records[prompt_id]
+        pairs.append({
+            "id": f"{target['id']}__{prompt['id']}", "speaker": speaker,
+            "language": target.get("language", ""), "prompt_id": str(prompt["id"]),
+            "prompt_speaker": speaker, "prompt_audio_path": rel(prompt.get("audio_path")),
+            "prompt_condition_path": rel(prompt["condition_path"]),
+            "prompt_condition_len": prompt.get("condition_len", 32),
+            "prompt_emo_vec_path": rel(prompt.get("emo_vec_path")),
+            "prompt_duration": prompt.get("duration"), "target_id": str(target["id"]),
+            "target_audio_path": rel(target.get("audio_path")), "target_text": target.get("text", ""),
+            "target_text_ids_path": rel(target["text_ids_path"]),
+            "target_text_len": length(target, "text_len", "text_ids_path"),
+            "target_codes_path": rel(target["codes_path"]),
+            "target_code_len": length(target, "code_len", "codes_path"),
+            "target_emo_vec_path": rel(target.get("emo_vec_path")),
+            "target_duration": target.get("duration"),
+        })
     if not pairs:
         raise FidelError(src, "no speaker has two utterances: nothing to pair")
     out.parent.mkdir(parents=True, exist_ok=True)

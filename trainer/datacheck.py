@@ -536,6 +536,12 @@ def run_checks(splits: dict[str, Sequence[str]], ctx: CheckContext, sink: RowSin
                 sink.add(name, index, pair, arrays)
             rows.append(row)
         split_rows[name] = rows
+    return checked_report(splits, split_rows, ctx)
+
+
+def checked_report(splits: dict[str, Sequence[str]], split_rows: dict[str, list[Row]], ctx: CheckContext
+                   ) -> DataReport:
+    """The checks across rows (speakers, duplicates, leakage, padded tails) and the report of every split."""
     everything = [r for rows in split_rows.values() for r in rows]
     check_speakers(everything)
     for rows in split_rows.values():

@@ -249,18 +249,25 @@ def build_dataset(splits: dict[str, list[str]], tokenizer: str | Path, config: s
     if not report.passed:
         builder.abort()
         return report, None
+    return report, write_dataset(builder, report, input_fingerprint(splits, tokenizer, config, settings), config)
+
+
+def write_dataset(builder: DatasetBuilder, report: DataReport, fingerprint: str, config: str | Path,
+                  extra: dict | None = None) -> dict:
+    """The kept rows as <split>.parquet and, last, dataset.json (fingerprint, hashes, report, `extra`)."""
+    ctx, settings, out_dir = builder.ctx, builder.ctx.settings, builder.out_dir
     records = builder.finish(report)
-    info = {"format": FORMAT, "fingerprint": input_fingerprint(splits, tokenizer, config, settings),
-            "tokenizer": str(tokenizer), "tokenizer_sha256": ctx.tokenizer_sha256,
+    info = {"format": FORMAT, "fingerprint": fingerprint,
+            "tokenizer": ctx.tokenizer_path, "tokenizer_sha256": ctx.tokenizer_sha256,
             "config": str(config), "config_sha256": sha256_file(config), "cond_dtype": settings.cond_dtype,
             "codes_dtype": str(builder.code_dtype),
             "condition_shape": [ctx.cfg.condition_num_latent, ctx.cfg.model_dim],
             "content_sha256": hashlib.sha256("".join(r.content_sha256 for r in records.values()).encode()).hexdigest(),
-            "splits": {k: asdict(v) for k, v in records.items()}, "report": report.to_dict()}
+            "splits": {k: asdict(v) for k, v in records.items()}, "report": report.to_dict(), **(extra or {})}
     tmp = out_dir / (DATASET_JSON + ".tmp")
     tmp.write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
     os.replace(tmp, out_dir / DATASET_JSON)
-    return report, info
+    return info
 
 
 def read_dataset_info(out_dir: str | Path) -> dict | None:
