@@ -388,11 +388,12 @@ class UnifiedVoiceGPT(nn.Module):
         for block in self.gpt.h:
             block.checkpointing = enabled
 
-    def compile_blocks(self) -> None:
+    def compile_blocks(self, backend: str = "inductor") -> None:
         """torch.compile each block's forward in place, so state_dict keys keep their names (no `_orig_mod.`).
-        The blocks share one compiled graph; dynamic shapes, as bucketed batches change B and T every step."""
+        The blocks share one compiled graph; dynamic shapes, as bucketed batches change B and T every step.
+        backend: "aot_eager" traces the same graphs without generating code (the GPU suite's CPU dry run)."""
         for block in self.gpt.h:
-            block.compile(dynamic=True)
+            block.compile(dynamic=True, backend=backend)
 
     def base_row_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rows 0..B-1 of text_embedding.weight, text_head.weight and text_head.bias (views, no copy)."""
