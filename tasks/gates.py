@@ -125,7 +125,7 @@ def learning_and_smoke(spec: RunSpec, result: TrainResult, data_dir: str | None 
     For the demo, one decoded sentence is also written as a .wav through the demo codec."""
     from trainer.data import training_data
     from trainer.gates import inference_smoke, new_row_ids, new_rows_learning, new_rows_of
-    from trainer.generate import decode_validation, trained_model
+    from trainer.generate import DEFAULT_DECODE, decode_validation, trained_model
     from trainer.train import build_model
     from trainer.weights import torch_load
 
@@ -136,9 +136,11 @@ def learning_and_smoke(spec: RunSpec, result: TrainResult, data_dir: str | None 
     data = training_data(tc.train_manifests, tc.val_manifests, tc.batch_size, tc.seed, tokenizer=tc.tokenizer)
     used = new_row_ids([data.train_set[i].text_ids for i in range(len(data.train_set))], b)
     learning = new_rows_learning(new_rows_of(dict(init.model.state_dict()), b), new_rows_of(final, b), used)
-    decoded = decode_validation(trained_model(tc, result.checkpoint), data.val_set, SMOKE_TEXTS)
-    smoke = inference_smoke([(len(g.codes), g.stopped, ref) for g, ref in decoded])
-    extra = {"smoke": [{"codes": len(g.codes), "stopped": g.stopped, "reference": ref} for g, ref in decoded]}
+    decoded = decode_validation(trained_model(tc, result.checkpoint), data.val_set, SMOKE_TEXTS,
+                                decode=DEFAULT_DECODE)
+    smoke = inference_smoke([(len(g.codes), g.stopped, ref) for g, ref in decoded], decode=DEFAULT_DECODE)
+    extra = {"smoke": [{"codes": len(g.codes), "stopped": g.stopped, "reference": ref} for g, ref in decoded],
+             "decode": DEFAULT_DECODE}
     codec = Path(spec.output_dir).parent.parent / "corpus" / "codec.pt"
     if codec.is_file() and decoded and decoded[0][0].codes:
         import soundfile

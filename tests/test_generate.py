@@ -1,11 +1,14 @@
-"""Greedy decoding with a KV cache equals recomputing the whole sequence, and stops on the stop code."""
+"""Greedy decoding with a KV cache equals recomputing the whole sequence, and stops on the stop code; the
+"training" decode matches the training forward, the default "indextts2" decode lays codes out as IndexTTS2's
+inference does (tests/test_upstream.py runs upstream itself)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from trainer.config import gpt_config_from_dict
-from trainer.generate import greedy_codes
+from trainer.generate import greedy_codes, prompt_embeddings
 from trainer.model import UnifiedVoiceGPT
 from trainer.synthetic import tiny_config_dict
 
@@ -16,17 +19,48 @@ def tiny_model(seed=0):
     return UnifiedVoiceGPT(cfg, base_rows=20).eval()
 
 
-def test_cached_decoding_equals_full_recompute():
+@pytest.mark.parametrize("decode", ["indextts2", "training"])
+def test_cached_decoding_equals_full_recompute(decode):
     model = tiny_model()
     with torch.no_grad():
         model.mel_head.bias[model.cfg.stop_mel_token] = -1e4  # no early stop: compare a long sequence
     gen = torch.Generator().manual_seed(1)
     text = torch.randint(2, 60, (7,), generator=gen)
     cond, emo = torch.randn(32, 32, generator=gen), torch.randn(32, generator=gen)
-    cached = greedy_codes(model, text, cond, emo, max_codes=40)
-    full = greedy_codes(model, text, cond, emo, max_codes=40, use_cache=False)
+    cached = greedy_codes(model, text, cond, emo, max_codes=40, decode=decode)
+    full = greedy_codes(model, text, cond, emo, max_codes=40, use_cache=False, decode=decode)
     assert cached.codes == full.codes and len(cached.codes) == 40 and not cached.stopped
     assert len(set(cached.codes)) > 1
+
+
+def test_the_two_decodes_differ_only_in_the_positions_of_generated_codes():
+    model = tiny_model(5)
+    with torch.no_grad():
+        model.mel_head.bias[model.cfg.stop_mel_token] = -1e4
+        model.mel_pos_embedding.emb.weight.mul_(50)  # make positions decide the codes
+    gen = torch.Generator().manual_seed(4)
+    text = torch.randint(2, 60, (6,), generator=gen)
+    cond, emo = torch.randn(32, 32, generator=gen), torch.randn(32, generator=gen)
+    indextts2 = greedy_codes(model, text, cond, emo, max_codes=30)
+    training = greedy_codes(model, text, cond, emo, max_codes=30, decode="training")
+    assert indextts2.codes != training.codes
+    with torch.no_grad():  # shift positions 2.. down by one: the training decode then sees what indextts2 sees
+        rows = model.mel_pos_embedding.emb.weight
+        rows[1:-1] = rows[2:].clone()
+    assert greedy_codes(model, text, cond, emo, max_codes=30, decode="training").codes == indextts2.codes
+
+
+def test_the_duration_slot_is_speed_emb_1_as_upstream_inference_sends_it():
+    cfg = gpt_config_from_dict(tiny_config_dict(60, dim=32, layers=2)["gpt"])
+    model = UnifiedVoiceGPT(cfg, base_rows=20, duration_control=True).eval()
+    text, cond, emo = torch.tensor([5, 6]), torch.zeros(32, 32), torch.zeros(32)
+    speed = model.speed_emb.weight
+    slot = cfg.prefix_len - 2
+    with torch.no_grad():
+        assert torch.equal(prompt_embeddings(model, text, cond, emo)[0, slot], speed[1])
+        assert torch.equal(prompt_embeddings(model, text, cond, emo, "training")[0, slot], speed[0])
+    with pytest.raises(ValueError, match="decode 'hf'"):
+        greedy_codes(model, text, cond, emo, max_codes=3, decode="hf")
 
 
 def test_decoding_stops_on_the_stop_code_and_matches_the_training_forward():
@@ -36,7 +70,7 @@ def test_decoding_stops_on_the_stop_code_and_matches_the_training_forward():
     gen = torch.Generator().manual_seed(2)
     text = torch.randint(2, 60, (5,), generator=gen)
     cond, emo = torch.randn(32, 32, generator=gen), torch.randn(32, generator=gen)
-    out = greedy_codes(model, text, cond, emo, max_codes=12)
+    out = greedy_codes(model, text, cond, emo, max_codes=12, decode="training")
     # the training forward, teacher-forced on the decoded codes, predicts the same greedy codes
     codes = torch.tensor(out.codes)[None]
     batch = Batch(text[None], torch.tensor([5]), codes, torch.tensor([len(out.codes)]), cond[None], emo[None])

@@ -108,18 +108,20 @@ def new_rows_learning(init_rows: torch.Tensor, current_rows: torch.Tensor, used_
                       "" if ok else f"fewer than {min_share:.0%} of the used new rows moved from their init")
 
 
-def inference_smoke(generated: list[tuple[int, bool, int]], min_ratio: float = 0.2,
-                    max_ratio: float = 5.0) -> GateResult:
+def inference_smoke(generated: list[tuple[int, bool, int]], min_ratio: float = 0.2, max_ratio: float = 5.0,
+                    decode: str = "") -> GateResult:
     """generated: (codes emitted, stop code emitted, reference code length) per validation text. Every text must
-    stop, with emitted/reference inside [min_ratio, max_ratio]."""
+    stop, with emitted/reference inside [min_ratio, max_ratio]. decode: the decode that produced them (a key of
+    trainer.generate.DECODES), named in the value."""
+    decoded_as = f", decode {decode}" if decode else ""
     if not generated:
-        return GateResult("inference_smoke", False, "no text decoded", "nothing decoded")
+        return GateResult("inference_smoke", False, f"no text decoded{decoded_as}", "nothing decoded")
     unstopped = sum(not stopped for _, stopped, _ in generated)
     ratios = [n / max(1, ref) for n, _, ref in generated]
     outside = sum(not (min_ratio <= r <= max_ratio) for r in ratios)
     ok = unstopped == 0 and outside == 0
     value = (f"{len(generated) - unstopped}/{len(generated)} stopped, length ratio "
-             f"{min(ratios):.2f}..{max(ratios):.2f} (bound {min_ratio}..{max_ratio})")
+             f"{min(ratios):.2f}..{max(ratios):.2f} (bound {min_ratio}..{max_ratio}){decoded_as}")
     reason = "" if ok else "; ".join(x for x in (f"{unstopped} never emitted the stop code" if unstopped else "",
                                                  f"{outside} outside the length bound" if outside else "") if x)
     return GateResult("inference_smoke", ok, value, reason)

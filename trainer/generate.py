@@ -1,8 +1,18 @@
 """Greedy decoding of semantic codes with a KV cache, on the training-path model (no HF generate).
 
-The prompt is laid out exactly as `UnifiedVoiceGPT.forward` lays out a batch: the conditioning prefix
-(condition + emotion vector, the duration slot, the free-duration slot), start/text/stop with text positions,
-then the start-mel token. Each new code attends to the cached keys and values of everything before it.
+The prompt is laid out as `UnifiedVoiceGPT.forward` lays out a batch: the conditioning prefix (condition +
+emotion vector, the duration slot, the free-duration slot), start/text/stop with text positions, then the
+start-mel token at mel position 0. Each new code attends to the cached keys and values of everything before it.
+
+Two decodes, which differ in where generated codes sit (DECODES):
+- "indextts2", the default: as IndexTTS2's released inference runs the exported model. Its KV-cache path
+  (`GPT2InferenceModel.forward`, index-tts with its pinned transformers 4.x) embeds the k-th generated code at
+  mel position k+1, from `get_fixed_embedding(attention_mask.shape[1] - mel_len)`, and always puts speed_emb(1)
+  in the duration slot (`inference_speech` takes no target length).
+- "training": code k at mel position k, as training and upstream's no-cache path lay it out. The PyPI port
+  `indextts2-inference` 2.1.1 decodes this way too: under transformers 5 its generate never hands the cache to
+  the model, so every step recomputes the whole sequence. With duration control the duration slot holds
+  speed_emb(0), the "no length given" embedding that the duration dropout trains.
 """
 
 from __future__ import annotations
@@ -16,6 +26,11 @@ import torch.nn.functional as F
 from trainer.model import Block, UnifiedVoiceGPT
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+DECODES = {
+    "indextts2": "as IndexTTS2 inference (KV cache: code k at mel position k+1, duration slot speed_emb(1))",
+    "training": "as training (code k at mel position k)",
+}
+DEFAULT_DECODE = "indextts2"
 
 
 @dataclass
@@ -50,13 +65,22 @@ def backbone_step(model: UnifiedVoiceGPT, x: torch.Tensor, cache: KVCache | None
     return model.gpt.ln_f(x), new_cache
 
 
+def check_decode(decode: str) -> None:
+    if decode not in DECODES:
+        raise ValueError(f"decode {decode!r}: choose from {', '.join(DECODES)}")
+
+
+def code_position(count: int, decode: str) -> int:
+    """The mel position the count-th generated code (1-based) is embedded at."""
+    return count + 1 if decode == "indextts2" else count
+
+
 def prompt_embeddings(model: UnifiedVoiceGPT, text_ids: torch.Tensor, condition: torch.Tensor,
-                      emo_vec: torch.Tensor) -> torch.Tensor:
+                      emo_vec: torch.Tensor, decode: str = DEFAULT_DECODE) -> torch.Tensor:
     """[1, prefix + T + 2 + 1, D]: prefix, start + text + stop, start-mel at mel position 0."""
     cfg = model.cfg
     speed = model.speed_emb.weight
-    # with duration control the target length is unknown here: the free-duration embedding, as at inference
-    duration = speed[0] if model.duration_control else speed[1]
+    duration = speed[0] if model.duration_control and decode == "training" else speed[1]
     prefix = torch.cat([(condition + emo_vec[None, :]), duration[None], speed[0][None]], dim=0)
     text = torch.cat([torch.tensor([cfg.start_text_token]), text_ids.long().cpu(), torch.tensor([cfg.stop_text_token])])
     text = text.to(prefix.device)
@@ -68,15 +92,16 @@ def prompt_embeddings(model: UnifiedVoiceGPT, text_ids: torch.Tensor, condition:
 
 @torch.no_grad()
 def greedy_codes(model: UnifiedVoiceGPT, text_ids: torch.Tensor, condition: torch.Tensor, emo_vec: torch.Tensor,
-                 max_codes: int, use_cache: bool = True) -> Generated:
-    """Greedy codes until the stop code or max_codes. use_cache=False recomputes the whole sequence each step
-    (the reference the cached path is tested against)."""
+                 max_codes: int, use_cache: bool = True, decode: str = DEFAULT_DECODE) -> Generated:
+    """Greedy codes until the stop code or max_codes, laid out as `decode` says (DECODES). use_cache=False
+    recomputes the whole sequence each step (the reference the cached path is tested against)."""
+    check_decode(decode)
     was_training = model.training
     model.eval()
     try:
         cfg = model.cfg
-        max_codes = min(max_codes, cfg.mel_positions - 2)
-        x = prompt_embeddings(model, text_ids, condition, emo_vec)
+        max_codes = min(max_codes, cfg.mel_positions - 1 - code_position(1, decode))
+        x = prompt_embeddings(model, text_ids, condition, emo_vec, decode)
         hidden, cache = backbone_step(model, x, None)
         codes: list[int] = []
         while True:
@@ -87,7 +112,8 @@ def greedy_codes(model: UnifiedVoiceGPT, text_ids: torch.Tensor, condition: torc
             codes.append(code)
             if len(codes) >= max_codes:
                 return Generated(codes, False)
-            step = model.mel_embedding.weight[code] + model.mel_pos_embedding.emb.weight[len(codes)]
+            position = code_position(len(codes), decode)
+            step = model.mel_embedding.weight[code] + model.mel_pos_embedding.emb.weight[position]
             if use_cache:
                 hidden, cache = backbone_step(model, step[None, None], cache)
             else:
@@ -109,13 +135,14 @@ def trained_model(tc, checkpoint: str | Path) -> UnifiedVoiceGPT:
     return model.eval()
 
 
-def decode_validation(model: UnifiedVoiceGPT, val_set, n: int, max_ratio: float = 5.0) -> list[tuple[Generated, int]]:
+def decode_validation(model: UnifiedVoiceGPT, val_set, n: int, max_ratio: float = 5.0,
+                      decode: str = DEFAULT_DECODE) -> list[tuple[Generated, int]]:
     """Greedy codes for the first n validation texts, each with its reference code length."""
     out = []
     for i in range(min(n, len(val_set))):
         example = val_set[i]
         reference = len(example.codes)
         generated = greedy_codes(model, example.text_ids, example.condition, example.emo_vec,
-                                 max_codes=max(1, int(max_ratio * reference)) + 1)
+                                 max_codes=max(1, int(max_ratio * reference)) + 1, decode=decode)
         out.append((generated, reference))
     return out
