@@ -1,10 +1,13 @@
 """Duration-control training (`--duration-control`): prefix position 32 holds mel_pos_embedding(min(code length,
-last position)) and, in training, speed_emb(0) instead with probability 0.3 per item."""
+last position)) and, in training and validation, speed_emb(0) instead with probability 0.3 per item."""
 
 import torch
 
 from trainer.config import GPTConfig
+from trainer.data import Example, collate
+from trainer.distributed import Dist
 from trainer.model import Batch, UnifiedVoiceGPT
+from trainer.train import evaluate
 
 CFG = GPTConfig(model_dim=16, layers=1, heads=2, max_text_tokens=20, max_mel_tokens=40, number_text_tokens=30,
                 number_mel_codes=34, start_mel_token=32, stop_mel_token=33)
@@ -79,3 +82,33 @@ def test_train_option_builds_the_model_with_it_and_records_it(tiny_project, make
     result = train(tc)
     assert result.status == "completed", result.reason
     assert result.lineage["duration_control"] is True
+
+
+def val_examples(n: int) -> list[Example]:
+    g = torch.Generator().manual_seed(5)
+    return [Example(torch.randint(2, 31, (4 + i % 3,), generator=g), torch.randint(0, 32, (6 + i,), generator=g),
+                    torch.randn(32, 16, generator=g), torch.randn(16, generator=g)) for i in range(n)]
+
+
+def test_validation_drops_the_slot_as_training_does_from_a_seed_per_batch():
+    examples, batches = val_examples(12), [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    timed = model(True, p=0.5).train()
+    torch.manual_seed(7)
+    rng_before = torch.get_rng_state()
+    first = evaluate(timed, examples, batches, torch.device("cpu"), None, Dist())
+    assert torch.equal(torch.get_rng_state(), rng_before)  # training's random stream is untouched
+    assert timed.training and not timed.drop_duration_in_eval
+    assert evaluate(timed, examples, batches, torch.device("cpu"), None, Dist()) == first
+    never = model(True, p=0.0)
+    assert evaluate(never, examples, batches, torch.device("cpu"), None, Dist()) != first
+    # the draws of val batch i come from seed i, whichever rank validates it
+    manual = []
+    with torch.no_grad():
+        timed.eval()
+        timed.drop_duration_in_eval = True
+        for index, batch in enumerate(batches):
+            torch.manual_seed(index)
+            manual.append(timed.loss_sums(collate([examples[i] for i in batch])).mel_ce.item())
+        timed.drop_duration_in_eval = False
+    mel_tokens = sum(len(e.codes) + 1 for e in examples)
+    assert abs(sum(manual) / mel_tokens - first["val_mel_loss"]) < 1e-6

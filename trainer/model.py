@@ -349,7 +349,8 @@ class UnifiedVoiceGPT(nn.Module):
     freeze: "split" (base text rows are buffers; the default) or "hooks" (full text parameters with base-row
     gradients zeroed, the community trainers' way, for comparison only).
     duration_control: the duration slot (prefix position 32) holds mel_pos_embedding(code length) instead of
-    speed_emb(1), replaced by speed_emb(0) per item with probability duration_dropout in training.
+    speed_emb(1), replaced by speed_emb(0) per item with probability duration_dropout in training, and in
+    validation too while drop_duration_in_eval is set (the community trainer validates that way).
     activation_checkpointing: recompute each block in backward (memory for compute); see also compile_blocks.
     """
 
@@ -367,6 +368,7 @@ class UnifiedVoiceGPT(nn.Module):
         self.freeze = freeze
         self.duration_control = duration_control
         self.duration_dropout = duration_dropout
+        self.drop_duration_in_eval = False  # validation sets it (trainer.train.evaluate)
         dim = cfg.model_dim
         new_rows = cfg.text_rows - base_rows
         embedding, head = (SplitEmbedding, SplitHead) if freeze == "split" else (HookedEmbedding, HookedHead)
@@ -406,7 +408,7 @@ class UnifiedVoiceGPT(nn.Module):
         if not self.duration_control:
             return speed[1].expand(n, -1)
         slot = self.mel_pos_embedding.emb(code_lengths.clamp(max=self.cfg.mel_positions - 1))
-        if self.training and self.duration_dropout > 0:
+        if (self.training or self.drop_duration_in_eval) and self.duration_dropout > 0:
             free = torch.rand(n, device=slot.device) < self.duration_dropout
             slot = torch.where(free[:, None], speed[0].expand_as(slot), slot)
         return slot

@@ -219,15 +219,26 @@ class MetricWindow:
 @torch.no_grad()
 def evaluate(model: UnifiedVoiceGPT, dataset, batches: list[list[int]], device: torch.device,
              dtype: torch.dtype | None, env: Dist) -> dict:
-    """Validation over all val batches, sharded across ranks and summed."""
+    """Validation over all val batches, sharded across ranks and summed.
+
+    With duration control the slot drops to speed_emb(0) as in training (so train and val losses compare, as in
+    the community trainer), drawn from a seed per val batch: every validation, on any number of ranks, drops
+    the same items, and training's RNG stream is left as it was."""
     was_training = model.training
     model.eval()
+    model.drop_duration_in_eval = True
     window = MetricWindow(device)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches[env.rank::env.world], collate_fn=collate)
-    for batch in loader:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            window.add(model.loss_sums(batch.to(device)))
-    model.train(was_training)
+    mine = list(range(len(batches)))[env.rank::env.world]
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=[batches[i] for i in mine], collate_fn=collate)
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for index, batch in zip(mine, loader, strict=True):
+                torch.manual_seed(index)
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    window.add(model.loss_sums(batch.to(device)))
+    finally:
+        model.drop_duration_in_eval = False
+        model.train(was_training)
     return window.result("val_", env)
 
 
