@@ -11,6 +11,9 @@ from pathlib import Path
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+# `fidel triage` when no candidate is usable: 3 refused (incompatible: vocabulary, config, lineage), 4 quarantined
+# (corrupt or truncated), 5 hostile (the pickle asks for code). 0: fresh, resume or experimental.
+EXIT_REFUSED, EXIT_QUARANTINED, EXIT_HOSTILE = 3, 4, 5
 
 
 class Parser(argparse.ArgumentParser):

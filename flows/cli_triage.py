@@ -7,10 +7,6 @@ import json
 from pathlib import Path
 
 
-def evidence_line(c) -> str:
-    return c.detail
-
-
 def print_decision(decision, title: str) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -20,7 +16,7 @@ def print_decision(decision, title: str) -> None:
         table.add_column(column, overflow="fold")
     for c in decision.candidates:
         table.add_row(Path(c.path).name, c.kind, str(c.step), c.finding or ("valid" if c.valid else "invalid"),
-                      c.decision, evidence_line(c))
+                      c.decision, c.detail)
     console = Console(width=160)
     if decision.candidates:
         console.print(table)
@@ -28,9 +24,11 @@ def print_decision(decision, title: str) -> None:
 
 
 def cmd_triage(args) -> int:
+    from flows.cli import EXIT_HOSTILE, EXIT_QUARANTINED, EXIT_REFUSED
     from trainer.triage import Reference, TriagePolicy, triage_path
 
-    policy = TriagePolicy(args.policy, args.fresh_below, args.resume_from, args.definitely_from, args.warmup_steps)
+    policy = TriagePolicy(args.policy, args.fresh_below, args.resume_from, args.definitely_from, args.warmup_steps,
+                          args.text_loss_threshold)
     ref = Reference.load(args.base, args.tokenizer) if args.base else None
     decision = triage_path(args.path, ref=ref, policy=policy)
     if args.out:
@@ -39,7 +37,7 @@ def cmd_triage(args) -> int:
         print(decision.to_json())
     else:
         print_decision(decision, f"triage: {args.path}")
-    return 0
+    return {None: 0, "refuse": EXIT_REFUSED, "quarantine": EXIT_QUARANTINED, "hostile": EXIT_HOSTILE}[decision.refusal]
 
 
 def cmd_experimental_resume(args) -> int:
@@ -77,7 +75,10 @@ def add_commands(sub) -> None:
     from trainer.options import TrainConfig, add_flags
 
     t = sub.add_parser("triage", help="inspect checkpoints (fidel or community): fresh, resume, experimental or "
-                                      "refuse, with the evidence")
+                                      "refuse, with the evidence",
+                       epilog="exit status: 0 fresh, resume or experimental; 3 refused (incompatible); "
+                              "4 quarantined (corrupt or truncated); 5 hostile (a pickle that asks for code); "
+                              "2 a bad flag or --base/--tokenizer")
     t.add_argument("path", help="a checkpoint file, a fidel output dir or a community trainer's output dir")
     t.add_argument("--base", help="the base gpt.pth: judge base-row drift, config and moments against it")
     t.add_argument("--tokenizer", help="the extended bpe.model: vocabulary rows must be its pieces + 1")
@@ -87,6 +88,8 @@ def add_commands(sub) -> None:
     t.add_argument("--resume-from", type=int, default=20000, help="a fixed run at least this old is resumed")
     t.add_argument("--definitely-from", type=int, default=50000)
     t.add_argument("--warmup-steps", type=int, default=None, help="the community run's warmup (not stored)")
+    t.add_argument("--text-loss-threshold", type=float, default=3.0,
+                   help="a broken run later resumed with the hooks continues only below this text loss (Option B)")
     t.add_argument("--json", action="store_true", help="print the decision as JSON instead of the table")
     t.add_argument("--out", help="also write the JSON decision here")
     t.set_defaults(func=cmd_triage)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from trainer.checkpoint import file_sha256
-from trainer.community_run import community_run
+from trainer.community_run import Project, TrainerFlags, community_run
 from trainer.experimental import backup_checkpoint, experimental_resume, repair_community_state
 from trainer.weights import torch_load, upstream_keys_of
 
@@ -15,8 +15,9 @@ from trainer.weights import torch_load, upstream_keys_of
 @pytest.fixture(scope="module")
 def broken(tiny_project_template, tmp_path_factory):
     p = tiny_project_template
-    return community_run(p.base_checkpoint, p.base_config, p.tokenizer, p.train_manifest,
-                         tmp_path_factory.mktemp("broken"), steps=2, freeze="none", weight_decay=0.01)[-1]
+    project = Project(p.base_checkpoint, p.base_config, p.tokenizer, p.train_manifest)
+    flags = TrainerFlags(learning_rate=3e-3, warmup_steps=1, save_interval=2)  # every text row moves in 2 steps
+    return community_run(project, tmp_path_factory.mktemp("broken"), 2, flags, version="cf31c91")[-1]
 
 
 def test_repair_restores_base_rows_and_zeroes_their_moments(tiny_project_template, broken):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import pickletools
 import zipfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -30,6 +31,7 @@ class TriagePolicy:
     resume_from: int = 20000  # a fixed foreign run at least this old: resume
     definitely_from: int = 50000
     warmup_steps: int | None = None  # the community scheduler does not store it; give it to place the step
+    text_loss_threshold: float = 3.0  # the guide's Option B check for a broken run resumed with the hooks
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -89,6 +91,17 @@ class Decision:
     reason: str
     candidates: list[Candidate] = field(default_factory=list)
     policy: dict = field(default_factory=dict)
+
+    @property
+    def refusal(self) -> str | None:
+        """Why nothing is usable: hostile (any candidate is), quarantine (all are corrupt), else refuse; None when
+        the decision is usable (fresh, resume, experimental)."""
+        if self.action != "refuse":
+            return None
+        findings = {c.finding for c in self.candidates}
+        if "hostile" in findings:
+            return "hostile"
+        return "quarantine" if findings and findings <= {"corrupt"} else "refuse"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -166,21 +179,32 @@ def unsafe_globals(path: Path) -> list[str]:
     return sorted({g for g in pickle_globals(path) if not g.startswith(SAFE_GLOBAL_PREFIXES)})
 
 
-def row_drift(current: torch.Tensor, base: torch.Tensor) -> dict:
-    """max |Δ|, rows changed, and whether the change is one uniform shrink (decoupled weight decay alone)."""
+UNIT_ROUNDOFF = 2.0 ** -24  # fp32 round-to-nearest: a product is within this relative error of the exact one
+TINY = 1e-30  # below this (subnormals) a value/base ratio says nothing
+
+
+def decay_floor(lr: float, weight_decay: float, steps: int) -> float:
+    """The smallest value/base ratio AdamW's decoupled decay can leave after `steps` steps at learning rates ≤ lr:
+    each step multiplies by the fp32 factor fl(1 − lr·wd) and rounds the product (relative error ≤ 2⁻²⁴). A factor
+    that rounds to 1 (lr·wd < 2⁻²⁵, e.g. lr 5e-5 with wd 1e-5) changes nothing at all."""
+    factor = float(torch.tensor(1 - lr * weight_decay, dtype=torch.float32))
+    return 1.0 if factor == 1.0 or steps == 0 else (factor * (1 - UNIT_ROUNDOFF)) ** steps
+
+
+def base_row_change(current: torch.Tensor, base: torch.Tensor, floor: float) -> dict:
+    """Rows changed, max |Δ|, the value/base ratios of changed elements, and whether decay alone explains them:
+    every changed element kept its sign, shrank (ratio ≤ 1) and by no more than the floor allows."""
     cur, ref = current.float(), base.float()
-    delta = (cur - ref).abs()
-    per_row = delta.flatten(1).amax(1) if delta.ndim > 1 else delta
-    changed = int((per_row > 0).sum())
-    out = {"max_abs_delta": float(delta.max()) if delta.numel() else 0.0, "rows_changed": changed}
-    if changed:
-        nonzero = ref != 0
-        ratio = cur[nonzero] / ref[nonzero]
-        spread = float(ratio.max() - ratio.min())
-        factor = float(ratio.mean())
-        # weight decay multiplies every element by the same Π(1 − lr·wd); gradients move rows each their own way
-        out["uniform_shrink"] = bool(spread < 1e-5 * max(1.0, abs(factor)) and factor < 1.0)
-        out["shrink_factor"] = factor
+    changed = cur != ref
+    rows = changed.flatten(1).any(1) if changed.ndim > 1 else changed
+    out = {"rows_changed": int(rows.sum()), "max_abs_delta": float((cur - ref).abs().max()) if cur.numel() else 0.0}
+    if not out["rows_changed"]:
+        return out
+    judged = changed & (ref.abs() > TINY)
+    ratio = cur[judged].double() / ref[judged].double()
+    out.update(ratio_min=float(ratio.min()), ratio_max=float(ratio.max()), ratio_median=float(ratio.median()),
+               decay_floor=floor)
+    out["within_decay"] = bool(ratio.min() >= floor and ratio.max() <= 1.0 and not (changed & (ref == 0)).any())
     return out
 
 
@@ -201,31 +225,41 @@ def optimizer_param_names(model_state: dict, optimizer: dict) -> dict[int, str]:
 
 
 def base_row_moments(raw: dict, model_state: dict, base_rows: int) -> dict:
-    """Non-zero Adam moments on rows 0..B-1 of the text tensors: trained without the fix."""
+    """Per text tensor: base rows with non-zero exp_avg / exp_avg_sq, and its AdamW step count; the optimizer's
+    peak lr (LambdaLR's initial_lr) and weight decay. Non-zero moments on base rows: gradients reached them."""
     optimizer = raw.get("optimizer")
     if not isinstance(optimizer, dict):
         return {"optimizer": "absent"}
     mapping = optimizer_param_names(model_state, optimizer)
     if not mapping:
         return {"optimizer": "present, ids not mappable to names (a filtered-parameter optimizer?)"}
+    group = (optimizer.get("param_groups") or [{}])[0]
     by_name = {name: optimizer["state"].get(i) for i, name in mapping.items()}
-    out = {"optimizer": "AdamW ids mapped by parameter order", "base_rows_nonzero": {}, "new_rows_with_moments": None}
+    out = {"optimizer": "AdamW ids mapped by parameter order", "lr_peak": group.get("initial_lr", group.get("lr")),
+           "weight_decay": group.get("weight_decay", 0.0), "base_rows": {}, "new_rows_with_moments": None}
     for key in SPLIT_KEYS:
         moments = by_name.get(key)
         if not moments:
-            out["base_rows_nonzero"][key] = "no state (never had a gradient)"
+            out["base_rows"][key] = {"exp_avg": 0, "exp_avg_sq": 0, "exp_avg_max": 0.0, "adam_steps": 0}  # no grad
             continue
         avg, sq = moments["exp_avg"], moments["exp_avg_sq"]
-        base_nonzero = ((avg[:base_rows] != 0) | (sq[:base_rows] != 0))
-        rows = int((base_nonzero.flatten(1).any(1) if base_nonzero.ndim > 1 else base_nonzero).sum())
-        out["base_rows_nonzero"][key] = rows
+        out["base_rows"][key] = {"exp_avg": nonzero_rows(avg[:base_rows]), "exp_avg_sq": nonzero_rows(sq[:base_rows]),
+                                 "exp_avg_max": float(avg[:base_rows].abs().max()) if base_rows else 0.0,
+                                 "adam_steps": int(moments["step"])}
         if key == "text_embedding.weight":
-            new_sq = sq[base_rows:]
-            out["new_rows_with_moments"] = int((new_sq.flatten(1) != 0).any(1).sum())
-            out["new_rows"] = len(new_sq)
-    counts = [v for v in out["base_rows_nonzero"].values() if isinstance(v, int)]
-    out["any_base_moments"] = any(counts)
+            out["new_rows_with_moments"], out["new_rows"] = nonzero_rows(sq[base_rows:]), len(sq) - base_rows
+    rows = out["base_rows"].values()
+    out["any_base_moments"] = any(r["exp_avg"] or r["exp_avg_sq"] for r in rows)
+    # exp_avg shrinks by β1 = 0.9 per zero-gradient step down to a few subnormal ulps (where 0.1·x rounds to 0 it
+    # stays) within ~1000 steps; exp_avg_sq (β2 = 0.999) keeps a trace for tens of thousands of steps: gradients
+    # reached the base rows, then stopped (the hooks were added later)
+    out["hooks_added_later"] = out["any_base_moments"] and all(r["exp_avg_max"] < TINY for r in rows)
     return out
+
+
+def nonzero_rows(tensor: torch.Tensor) -> int:
+    nonzero = tensor != 0
+    return int((nonzero.flatten(1).any(1) if nonzero.ndim > 1 else nonzero).sum())
 
 
 def scheduler_position(raw: dict, step: int | None, warmup_steps: int | None) -> dict:
@@ -315,112 +349,221 @@ def fidel_candidate(path: Path, lineage: dict | None, ref: Reference | None = No
     return Candidate(str(path), "fidel", True, meta["step"], detail, "fidel", decision, reason, evidence)
 
 
-def foreign_candidate(path: Path, ref: Reference | None, policy: TriagePolicy | None = None) -> Candidate:
-    """A community checkpoint: integrity, vocabulary, config, base-row drift, moments, step and scheduler."""
-    policy = policy or TriagePolicy()
-    ev: dict = {"integrity": integrity(path)}
-    name = str(path)
-    if ev["integrity"].get("sidecar_sha256_match") is False:
-        return Candidate(name, "foreign", False, None, "sha256 does not match its sidecar", "corrupt", "quarantine",
-                         "corrupt: sha256 differs from its recorded checksum; never loaded", ev)
-    zip_test = ev["integrity"].get("zip_test", "ok")
-    if zip_test != "ok":
-        return Candidate(name, "foreign", False, None, f"zip test: {zip_test}", "corrupt", "quarantine",
-                         "corrupt or truncated archive; never loaded", ev)
+@dataclass
+class ForeignEvidence:
+    """What one community checkpoint shows; gathered until the first problem that ends the look."""
+
+    integrity: dict
+    load_problem: str | None = None
+    unsafe_globals: list[str] = field(default_factory=list)
+    format: str = ""  # "training run" ({model, optimizer, ...}) or "weights only"
+    step: int | None = None
+    vocab_rows: int | None = None
+    rows_expected: int | None = None
+    shape_problem: str | None = None
+    base_rows: int | None = None
+    change: dict = field(default_factory=dict)  # per text tensor: base_row_change
+    moments: dict = field(default_factory=dict)
+    scheduler: dict = field(default_factory=dict)
+    last_text_loss: float | None = None
+
+    @property
+    def base_change(self) -> str:
+        """untouched | decay | gradient: how rows 0..B-1 differ from the base."""
+        if not any(c["rows_changed"] for c in self.change.values()):
+            return "untouched"
+        if self.moments.get("any_base_moments") is not False:  # non-zero, or no mappable optimizer to tell
+            return "gradient"
+        return "decay" if all(c.get("within_decay", True) for c in self.change.values()) else "gradient"
+
+    @property
+    def shrink(self) -> dict:
+        emb = self.change.get("text_embedding.weight", {})
+        return {k: emb[k] for k in ("ratio_min", "ratio_median", "ratio_max") if k in emb}
+
+
+def gather_foreign(path: Path, ref: Reference | None, policy: TriagePolicy) -> ForeignEvidence:
+    ev = ForeignEvidence(integrity=integrity(path))
+    if ev.integrity.get("sidecar_sha256_match") is False or ev.integrity.get("zip_test", "ok") != "ok":
+        return ev
     try:
         raw = torch_load(path, mmap=True)
         state = upstream_keys_of(raw, path)
-    except FidelError as exc:
-        unsafe = unsafe_globals(path)
-        ev["unsafe_globals"] = unsafe
-        hostile = bool(unsafe) or (exc.problem.startswith("refused to load") and "global" in exc.problem.lower())
-        detail = exc.problem + (f"; pickle imports {', '.join(unsafe[:3])}" if unsafe else "")
-        return Candidate(name, "foreign", False, None, detail, "hostile" if hostile else "corrupt",
-                         "refuse" if hostile else "quarantine",
-                         ("refused: the pickle asks for code or objects beyond plain tensors; never unpickled"
-                          if hostile else "unreadable or truncated; quarantine it"), ev)
     except Exception as exc:  # noqa: BLE001 - garbage bytes can break the unpickler in any way; report, never raise
-        ev["unsafe_globals"] = unsafe_globals(path)
-        if ev["unsafe_globals"]:
-            return Candidate(name, "foreign", False, None, f"pickle imports {', '.join(ev['unsafe_globals'][:3])}",
-                             "hostile", "refuse", "refused: the pickle asks for code; never unpickled", ev)
-        return Candidate(name, "foreign", False, None, f"unreadable ({type(exc).__name__}: {str(exc)[:120]})",
-                         "corrupt", "quarantine", "unreadable: not a checkpoint; quarantine it", ev)
+        ev.load_problem = exc.problem if isinstance(exc, FidelError) else f"{type(exc).__name__}: {str(exc)[:120]}"
+        ev.unsafe_globals = unsafe_globals(path)
+        return ev
     raw = raw if isinstance(raw, dict) else {}
-    step = raw.get("step") if isinstance(raw.get("step"), int) else None
-    ev["step"] = step
-    ev["format"] = "community {model, optimizer, ...}" if "model" in raw else "plain state_dict"
+    ev.step = raw.get("step") if isinstance(raw.get("step"), int) else None
+    ev.format = "training run" if "model" in raw and "optimizer" in raw else "weights only"
+    losses = raw.get("last_losses")
+    ev.last_text_loss = losses.get("text_loss") if isinstance(losses, dict) else None
     emb = state.get("text_embedding.weight")
     if emb is None or any(k not in state for k in SPLIT_KEYS):
-        return Candidate(name, "foreign", False, step, "no text_embedding/text_head", "incompatible", "refuse",
-                         "not a UnifiedVoice checkpoint", ev)
-    rows = emb.shape[0]
-    ev["vocab_rows"] = rows
+        ev.shape_problem = "no text_embedding/text_head: not a UnifiedVoice checkpoint"
+        return ev
+    ev.vocab_rows = emb.shape[0]
     if ref is None:
-        return Candidate(name, "foreign", True, step, f"{rows} text rows; no --base given: not judged",
-                         "unverified", "fresh", "foreign checkpoint, no base to judge it against: not resumed", ev)
+        return ev
     if ref.tokenizer_pieces is not None:
-        ev["tokenizer_rows_expected"] = ref.tokenizer_pieces + 1
-        if rows != ref.tokenizer_pieces + 1:
-            return Candidate(name, "foreign", False, step,
-                             f"{rows} text rows, tokenizer has {ref.tokenizer_pieces} pieces (wants N+1 = "
-                             f"{ref.tokenizer_pieces + 1})", "incompatible", "refuse",
-                             "vocabulary rows do not match the tokenizer; start fresh in a new dir", ev)
+        ev.rows_expected = ref.tokenizer_pieces + 1
+        if ev.vocab_rows != ev.rows_expected:
+            return ev
     mismatched = [k for k, v in ref.base.items() if k not in SPLIT_KEYS and k in state
                   and tuple(state[k].shape) != tuple(v.shape)]
     missing = [k for k in ref.base if k not in state]
-    ev["config_match"] = not mismatched and not missing
     if mismatched or missing:
-        what = ", ".join([f"{k} shape" for k in mismatched[:3]] + [f"{k} missing" for k in missing[:3]])
-        return Candidate(name, "foreign", False, step, f"config differs: {what}", "incompatible", "refuse",
-                         "model shape differs from the base config; start fresh in a new dir", ev)
-    b = ref.base_rows
-    ev["base_rows"] = b
-    ev["drift"] = {k: row_drift(state[k][:b], ref.base[k][:b]) for k in SPLIT_KEYS}
-    ev["moments"] = base_row_moments(raw, raw.get("model", state), b)
-    ev["scheduler"] = scheduler_position(raw, step, policy.warmup_steps)
-    drifted = [k for k, d in ev["drift"].items() if d["rows_changed"]]
-    shrink_only = bool(drifted) and all(ev["drift"][k].get("uniform_shrink") for k in drifted)
-    moments_on_base = bool(ev["moments"].get("any_base_moments"))
-    max_delta = max(d["max_abs_delta"] for d in ev["drift"].values())
-    rows_changed = ev["drift"]["text_embedding.weight"]["rows_changed"]
-    sched = ev["scheduler"]
-    lr = f"lr ×{sched['lr_ratio']:.3g} ({sched['phase']})" if sched.get("lr_ratio") is not None else "no scheduler"
-    new_moved = ev["moments"].get("new_rows_with_moments")
-    new_txt = f"; new rows with gradients {new_moved}/{ev['moments']['new_rows']}" if new_moved is not None else ""
-    if drifted:
-        factor = ev["drift"][drifted[0]].get("shrink_factor", 1.0)
-        kind = f"weight-decay shrink ×{factor:.6f}" if shrink_only else "gradient drift"
-        detail = (f"base rows drifted: {rows_changed}/{b} embedding rows, max abs Δ {max_delta:.3g} ({kind}); "
-                  f"Adam moments on base rows: {'non-zero' if moments_on_base else 'zero'}; {lr}{new_txt}")
-        finding = "broken"
-        why = ("base rows drifted from the base (" + kind + ")"
-               + ("; Adam moments on base rows are non-zero: trained without the fix" if moments_on_base else "")
-               + f"; scheduler {sched.get('phase', 'unknown')}")
-        if policy.policy == "experimental":
-            decision, reason = "experimental", why + ": experimental repair (restore base rows, zero their moments) " \
-                                                     "into a new dir, text-loss gate armed"
-        elif policy.policy == "force-resume":
-            decision, reason = "resume", why + ": resumed anyway (policy force-resume)"
-        else:
-            decision, reason = "fresh", why + ": do not resume a broken run; start fresh"
-        return Candidate(name, "foreign", True, step, detail, finding, decision, reason, ev)
-    detail = (f"base rows intact ({b} rows bit-identical); Adam moments on base rows: "
-              f"{'non-zero' if moments_on_base else 'zero'}; {lr}{new_txt}")
-    s = step or 0
-    if policy.policy == "force-fresh":
-        decision, reason = "fresh", "policy force-fresh"
-    elif policy.policy == "force-resume" or s >= policy.resume_from:
-        strength = "definitely " if s >= policy.definitely_from else ""
-        decision = "resume"
-        reason = (f"fixed run (base intact) at step {s} ≥ {policy.resume_from}: {strength}worth resuming"
-                  if policy.policy != "force-resume" else f"fixed run at step {s}: resumed (policy force-resume)")
-    elif s < policy.fresh_below:
-        decision, reason = "fresh", f"fixed run (base intact) at step {s} < {policy.fresh_below}: little lost, start fresh"
+        ev.shape_problem = "config differs: " + ", ".join([f"{k} shape" for k in mismatched[:3]]
+                                                          + [f"{k} missing" for k in missing[:3]])
+        return ev
+    b = ev.base_rows = ref.base_rows
+    if ev.format == "weights only":
+        ev.change = {k: base_row_change(state[k][:b], ref.base[k][:b], 1.0) for k in SPLIT_KEYS}
+        return ev
+    ev.moments = base_row_moments(raw, raw["model"], b)
+    steps = {k: r["adam_steps"] for k, r in ev.moments.get("base_rows", {}).items()}
+    lr, wd = ev.moments.get("lr_peak") or 0.0, ev.moments.get("weight_decay") or 0.0
+    ev.change = {k: base_row_change(state[k][:b], ref.base[k][:b], decay_floor(lr, wd, steps.get(k, 0)))
+                 for k in SPLIT_KEYS}
+    ev.scheduler = scheduler_position(raw, ev.step, policy.warmup_steps)
+    return ev
+
+
+def evidence_line(ev: ForeignEvidence) -> str:
+    """One line a user can check: what changed on the base rows, the moments, the schedule."""
+    if ev.format == "weights only" and ev.base_rows is not None:
+        rows = ev.change["text_embedding.weight"]["rows_changed"]
+        return (f"weights only ({ev.vocab_rows} text rows, no optimizer, scheduler or step); base rows "
+                + ("bit-identical" if not rows else f"changed: {rows}/{ev.base_rows} embedding rows"))
+    m, b = ev.moments, ev.base_rows
+    rows = ev.change["text_embedding.weight"]["rows_changed"]
+    if ev.base_change == "untouched":
+        head = f"base rows bit-identical ({b} rows)"
+    elif ev.base_change == "decay":
+        s = ev.shrink
+        head = (f"base rows shrunk by weight decay alone: ×{s['ratio_median']:.5f} (per element "
+                f"{s['ratio_min']:.5f}–{s['ratio_max']:.5f}; decay allows ≥ ×"
+                f"{ev.change['text_embedding.weight']['decay_floor']:.5f} at lr ≤ {m['lr_peak']:.3g}, wd "
+                f"{m['weight_decay']:.3g}, {m['base_rows']['text_embedding.weight']['adam_steps']} AdamW steps)")
     else:
-        decision, reason = "fresh", (f"fixed run (base intact) at step {s}, between {policy.fresh_below} and "
-                                     f"{policy.resume_from}: fresh is the safe default (--policy force-resume to keep it)")
-    return Candidate(name, "foreign", True, step, detail, "fixed", decision, reason, ev)
+        head = f"base rows moved by gradients: {rows}/{b} embedding rows, max |Δ| " \
+               f"{max(c['max_abs_delta'] for c in ev.change.values()):.3g}"
+    if "base_rows" in m:
+        emb = m["base_rows"]["text_embedding.weight"]
+        moments = ("zero" if not m["any_base_moments"] else
+                   f"non-zero (exp_avg {emb['exp_avg']}, exp_avg_sq {emb['exp_avg_sq']} embedding rows)")
+    else:
+        moments = m.get("optimizer", "absent")
+    sched = ev.scheduler
+    lr = f"lr ×{sched['lr_ratio']:.3g} ({sched['phase']})" if sched.get("lr_ratio") is not None else "no scheduler"
+    new = m.get("new_rows_with_moments")
+    new_txt = f"; new rows with gradients {new}/{m['new_rows']}" if new is not None else ""
+    return f"{head}; Adam moments on base rows: {moments}; {lr}{new_txt}"
+
+
+def decide_broken(ev: ForeignEvidence, policy: TriagePolicy) -> tuple[str, str]:
+    why = "base rows moved by gradients (trained without the fix)"
+    if ev.moments.get("hooks_added_later"):
+        loss = ev.last_text_loss
+        why += ", later resumed with the hooks (base-row exp_avg decayed to subnormal, exp_avg_sq not)"
+        if loss is not None and loss < policy.text_loss_threshold and policy.policy == "recommended":
+            return "experimental", (f"{why}; the guide's Option B check passes: text loss {loss:.3g} < "
+                                    f"{policy.text_loss_threshold}: continue behind the text-loss gate")
+        if policy.policy == "recommended":
+            seen = "no text loss recorded" if loss is None else f"text loss {loss:.3g} ≥ {policy.text_loss_threshold}"
+            return "fresh", f"{why}; the guide's Option B check fails ({seen}): abort it, start fresh"
+    if policy.policy == "experimental":
+        return "experimental", why + ": experimental repair (restore base rows, zero their moments) into a new " \
+                                     "dir, text-loss gate armed"
+    if policy.policy == "force-resume":
+        return "resume", why + ": resumed anyway (policy force-resume)"
+    return "fresh", why + ": do not resume a broken run; start fresh"
+
+
+BASE_ROWS_ON_RESUME = ("base rows restored to the base on import (fidel trains them frozen at the base's values; "
+                       "the decay shrink is undone)")
+
+
+def decide_fixed(ev: ForeignEvidence, policy: TriagePolicy) -> tuple[str, str]:
+    s = ev.step or 0
+    kind = "untouched base rows" if ev.base_change == "untouched" else "base rows shrunk by weight decay only"
+    if policy.policy == "force-fresh":
+        return "fresh", "policy force-fresh"
+    if policy.policy == "force-resume" or s >= policy.resume_from:
+        strength = "definitely " if s >= policy.definitely_from else ""
+        why = (f"fixed run ({kind}) at step {s}: resumed (policy force-resume)" if s < policy.resume_from else
+               f"fixed run ({kind}) at step {s} ≥ {policy.resume_from}: {strength}resume")
+        return "resume", why + ("; " + BASE_ROWS_ON_RESUME if ev.base_change == "decay" else "")
+    if s < policy.fresh_below:
+        return "fresh", f"fixed run ({kind}) at step {s} < {policy.fresh_below}: maybe restart, little lost"
+    return "fresh", (f"fixed run ({kind}) at step {s}, between {policy.fresh_below} and {policy.resume_from}: fresh "
+                     "is the safe default (--policy force-resume to keep it)")
+
+
+WEIGHTS_ONLY = ("weights only: not a resumable run (no optimizer, scheduler or step); fidel train cannot warm-start "
+                "from it: start fresh from the base, or resume the training checkpoint it was exported from")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One row of the decision table: when it holds, the candidate gets this finding and decision."""
+
+    holds: Callable[[ForeignEvidence], bool]
+    finding: str
+    decide: Callable[[ForeignEvidence, TriagePolicy], tuple[str, str]]
+    valid: bool = False
+
+
+FOREIGN_RULES = (
+    Rule(lambda e: e.integrity.get("sidecar_sha256_match") is False, "corrupt",
+         lambda e, p: ("quarantine", "corrupt: sha256 differs from its recorded checksum; never loaded")),
+    Rule(lambda e: e.integrity.get("zip_test", "ok") != "ok", "corrupt",
+         lambda e, p: ("quarantine", "corrupt or truncated archive; never loaded")),
+    Rule(lambda e: bool(e.unsafe_globals), "hostile",
+         lambda e, p: ("refuse", "refused: the pickle asks for code or objects beyond plain tensors; never unpickled")),
+    Rule(lambda e: "Unsupported global" in (e.load_problem or ""), "incompatible",
+         lambda e, p: ("refuse", "holds objects the load allowlist does not admit (named in the evidence); never "
+                                 "unpickled")),
+    Rule(lambda e: e.load_problem is not None, "corrupt",
+         lambda e, p: ("quarantine", "unreadable or truncated; quarantine it")),
+    Rule(lambda e: e.vocab_rows is None, "incompatible", lambda e, p: ("refuse", "not a UnifiedVoice checkpoint")),
+    Rule(lambda e: e.rows_expected is not None and e.vocab_rows != e.rows_expected, "incompatible",
+         lambda e, p: ("refuse", "vocabulary rows do not match the tokenizer; start fresh in a new dir")),
+    Rule(lambda e: e.shape_problem is not None, "incompatible",
+         lambda e, p: ("refuse", "model shape differs from the base config; start fresh in a new dir")),
+    Rule(lambda e: e.base_rows is None, "unverified",
+         lambda e, p: ("fresh", "foreign checkpoint, no base to judge it against: not resumed"), valid=True),
+    Rule(lambda e: e.format == "weights only", "weights-only", lambda e, p: ("fresh", WEIGHTS_ONLY), valid=True),
+    Rule(lambda e: e.base_change == "gradient", "broken", decide_broken, valid=True),
+    Rule(lambda e: True, "fixed", decide_fixed, valid=True),
+)
+
+
+def foreign_detail(ev: ForeignEvidence) -> str:
+    if ev.integrity.get("sidecar_sha256_match") is False:
+        return "sha256 does not match its sidecar"
+    if ev.integrity.get("zip_test", "ok") != "ok":
+        return f"zip test: {ev.integrity['zip_test']}"
+    if ev.load_problem is not None:
+        return ev.load_problem + (f"; pickle imports {', '.join(ev.unsafe_globals[:3])}" if ev.unsafe_globals else "")
+    if ev.shape_problem is not None:
+        return ev.shape_problem
+    if ev.rows_expected is not None and ev.vocab_rows != ev.rows_expected:
+        return (f"{ev.vocab_rows} text rows, tokenizer has {ev.rows_expected - 1} pieces (wants N+1 = "
+                f"{ev.rows_expected})")
+    if ev.base_rows is None:
+        return f"{ev.vocab_rows} text rows; no --base given: not judged"
+    return evidence_line(ev)
+
+
+def foreign_candidate(path: Path, ref: Reference | None, policy: TriagePolicy | None = None) -> Candidate:
+    """A community checkpoint: gather the evidence, then the first rule of the decision table that holds."""
+    policy = policy or TriagePolicy()
+    ev = gather_foreign(path, ref, policy)
+    rule = next(r for r in FOREIGN_RULES if r.holds(ev))
+    decision, reason = rule.decide(ev, policy)
+    return Candidate(str(path), "foreign", rule.valid, ev.step, foreign_detail(ev), rule.finding, decision, reason,
+                     asdict(ev) | {"base_change": ev.base_change if ev.change else None})
 
 
 def foreign_files(folder: Path) -> list[Path]:
@@ -445,7 +588,7 @@ def decide(candidates: list[Candidate], folder: Path, policy: TriagePolicy) -> D
         return Decision("resume", newest.path, f"fidel lineage at step {newest.step}{note}", candidates, pol)
     foreign_ok = [c for c in candidates if c.kind == "foreign" and c.valid]
     if foreign_ok:
-        best = max(foreign_ok, key=lambda c: c.step or 0)
+        best = max(foreign_ok, key=lambda c: (c.finding != "weights-only", c.step or 0))
         chosen = best.path if best.decision in ("resume", "experimental") else None
         return Decision(best.decision, chosen, f"{Path(best.path).name}: {best.reason}", candidates, pol)
     bad = candidates[0]

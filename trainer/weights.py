@@ -34,14 +34,16 @@ DROPPED_PREFIXES = ("inference_model.", "gpt.wte.")  # aliases post_init_gpt2_co
 WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")  # DDP, Accelerate's GPTLossWrapper, torch.compile
 ACCELERATE_WEIGHTS = "model.safetensors"
 
-# AmV2's latest.pth and instavar's checkpoints keep numpy's RNG state (a uint32 ndarray) in `rng_state`.
-# Exactly what unpickling one ndarray needs; numpy 1.x pickles name the reconstructor numpy.core.multiarray.
-NUMPY_ARRAY_GLOBALS = [
+# AmV2's latest.pth and instavar's checkpoints keep numpy's RNG state (a uint32 ndarray) in `rng_state`, and AmV2
+# keeps torch.__version__. Exactly what unpickling those needs; numpy 1.x pickles name the reconstructor
+# numpy.core.multiarray.
+COMMUNITY_SAFE_GLOBALS = [
     (np_multiarray._reconstruct, "numpy._core.multiarray._reconstruct"),
     (np_multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
     np.ndarray,
     np.dtype,
     type(np.dtype(np.uint32)),  # numpy.dtypes.UInt32DType: MT19937 keys; no other dtype is allowed
+    torch.torch_version.TorchVersion,  # AmV2's latest.pth `pytorch_version`: a str subclass, imports nothing else
 ]
 
 # UnifiedVoice constructor constants that config.yaml does not carry (upstream model_v2.py defaults)
@@ -66,7 +68,7 @@ def refused_global(exc: BaseException) -> str:
 
 
 def torch_load(path: str | Path, mmap: bool = False) -> object:
-    """`torch.load` with weights_only=True (plus the numpy RNG-state globals); every failure is one FidelError.
+    """`torch.load` with weights_only=True (plus the numpy RNG-state and TorchVersion globals); every failure is one FidelError.
 
     mmap=True maps tensors from the file instead of reading them (a 3.5 GB gpt.pth costs no RAM until used).
     """
@@ -75,7 +77,7 @@ def torch_load(path: str | Path, mmap: bool = False) -> object:
         raise FidelError(path, "checkpoint not found")
     mmap = mmap and zipfile.is_zipfile(path)  # only the zip format can be mapped; legacy files are read
     try:
-        with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
+        with torch.serialization.safe_globals(COMMUNITY_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         raise FidelError(path, f"refused to load: not a plain-tensor checkpoint ({refused_global(exc)})") from exc
