@@ -79,7 +79,7 @@ def mlflow_uri(mlflow_store_template, tmp_path):
     return f"sqlite:///{folder}/mlflow.db"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_train_config():
     """TrainConfig for the tiny project: a few dozen fast steps with frequent validation and saves."""
     return tiny_train_config
