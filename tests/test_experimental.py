@@ -67,3 +67,28 @@ def test_text_loss_gate_aborts_an_experimental_resume(tiny_project, broken, make
     assert file_sha256(broken) == before and (out / "backup" / broken.name).is_file()
     saved = torch_load(run.result.checkpoint)  # the failed run saved where it stopped
     assert saved["step"] == 4 and saved["lineage"]["imported"]["policy"] == "experimental"
+
+
+def test_refusals_leave_nothing_behind(tiny_project, broken, make_train_config, tmp_path):
+    from trainer.errors import FidelError
+
+    truncated = tmp_path / "model_step2.pth"
+    truncated.write_bytes(broken.read_bytes()[:5000])
+    out = tmp_path / "experimental"
+    with pytest.raises(FidelError, match="unreadable or truncated"):
+        experimental_resume(truncated, make_train_config(tiny_project, out, max_steps=8))
+    with pytest.raises(FidelError, match="--max-steps beyond it"):
+        experimental_resume(broken, make_train_config(tiny_project, out, max_steps=2))
+    other = make_train_config(tiny_project, out, max_steps=8, tokenizer=str(tiny_project.base_tokenizer))
+    with pytest.raises(FidelError, match="another vocabulary"):  # fails after the backup was made: it goes too
+        experimental_resume(broken, other)
+    assert not out.exists()
+
+
+def test_backup_keeps_the_source_permissions(broken, tmp_path):
+    source = tmp_path / "src" / broken.name
+    source.parent.mkdir()
+    source.write_bytes(broken.read_bytes())
+    source.chmod(0o640)
+    saved = backup_checkpoint(source, tmp_path / "backup")
+    assert saved.path.stat().st_mode & 0o777 == 0o640

@@ -7,7 +7,13 @@
    text-loss gate armed (text loss < threshold within N steps of the resume, else abort).
 
 The imported run keeps the community run's step count, weights and Adam moments (new rows and backbone). Its
-LR schedule restarts with warmup: the community scheduler had decayed, and its warmup/total are not stored.
+LR schedule restarts with warmup over the steps still to run (--max-steps − step), where the community trainer
+itself would continue its cosine from the saved position. Why: the cosine's warmup and total are not stored
+(only the lr it had reached, often near 0 at 38k), and the restored base rows and zeroed moments are a new start
+for Adam: a warmup keeps its first updates small while exp_avg_sq refills.
+
+Nothing is written before the source has loaded and been repaired in memory; if the backup or the import then
+fails, what they created is removed. The backup keeps the source's permission bits.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import copy
 import shutil
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -60,6 +67,7 @@ def backup_checkpoint(path: str | Path, backup_dir: str | Path) -> Backup:
             raise FidelError(dst, "a different file already has this backup's name: not overwritten")
     else:
         atomic_write_bytes(dst, lambda h: shutil.copyfileobj(open(src, "rb"), h))
+        shutil.copymode(src, dst)
     if file_sha256(dst) != digest:
         raise FidelError(dst, "backup copy does not match the original's sha256")
     (folder / f"{src.name}.sha256").write_text(f"{digest}  {src.name}\n", encoding="utf-8")
@@ -120,6 +128,29 @@ def imported_optimizer_state(model, optimizer: torch.optim.Optimizer, raw: dict,
     return {**saved, "state": state}
 
 
+def steps_left(raw: dict, tc: TrainConfig, source: str | Path) -> int:
+    step = int(raw.get("step") or 0)
+    if tc.max_steps is None or tc.max_steps <= step:
+        raise FidelError(source, f"checkpoint is at step {step}: give --max-steps beyond it")
+    return tc.max_steps - step
+
+
+@contextmanager
+def removed_on_failure(*paths: Path):
+    """Whatever of `paths` did not exist before is removed again if the block fails: a refusal leaves nothing."""
+    new = [p for p in paths if not p.exists()]
+    try:
+        yield
+    except BaseException:
+        for p in new:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.exists():
+                p.unlink()
+                p.with_name(p.name + ".sha256").unlink(missing_ok=True)
+        raise
+
+
 def import_community_checkpoint(raw: dict, tc: TrainConfig, source: str, note: dict | None = None) -> Path:
     """Write a community checkpoint dict (base rows equal to the base) as a fidel checkpoint at its step in
     tc.output_dir, so that `train(tc with resume=that path)` continues from it."""
@@ -127,13 +158,15 @@ def import_community_checkpoint(raw: dict, tc: TrainConfig, source: str, note: d
     setup = build_model(tc)
     model = setup.model
     state = {k: v for k, v in upstream_keys_of(raw, source).items() if is_training_path_key(k)}
+    rows = state["text_embedding.weight"].shape[0]
+    if rows != setup.cfg.text_rows:
+        raise FidelError(source, f"{rows} text rows, but --tokenizer wants {setup.cfg.text_rows} (its pieces + 1): "
+                                 "another vocabulary")
     load_upstream_state_dict(model, state)
     if model_base_rows_hash(model) != setup.base_hash:
         raise FidelError(source, "base rows differ from the base checkpoint: repair it first (--policy experimental)")
     step = int(raw.get("step") or 0)
-    if tc.max_steps is None or tc.max_steps <= step:
-        raise FidelError(source, f"checkpoint is at step {step}: give --max-steps beyond it")
-    schedule_total = tc.max_steps - step  # the schedule restarts from warmup over the steps still to run
+    schedule_total = steps_left(raw, tc, source)  # the schedule restarts from warmup over the steps still to run
     lineage = lineage_of(tc, setup, Dist(), schedule_total)
     lineage["imported"] = {"from": str(source), "step": step, **(note or {})}
     optimizer = make_optimizer(param_groups(model, tc.learning_rate, tc.new_rows_lr, tc.weight_decay),
@@ -178,17 +211,20 @@ def experimental_resume(checkpoint: str | Path, tc: TrainConfig, text_loss_thres
     resolve_resume(replace(tc, resume=None))  # refuses an output dir that already holds checkpoints
     if tc.base_checkpoint is None:
         raise FidelError(None, "the experimental policy needs --base-checkpoint (base rows come from it)")
-    backup = backup_checkpoint(path, Path(backup_dir) if backup_dir else out / "backup")
-    raw = torch_load(backup.path)
+    raw = torch_load(path)  # nothing is written before the source has loaded
     if not isinstance(raw, dict) or "model" not in raw:
         raise FidelError(path, "not a community {model, optimizer, ...} checkpoint")
+    steps_left(raw, tc, path)
     base = upstream_keys_of(torch_load(tc.base_checkpoint), tc.base_checkpoint)
     base_rows = base["text_embedding.weight"].shape[0] - 1
     repaired, record = repair_community_state(raw, base, base_rows)
     gate = {"threshold": text_loss_threshold, "by_step": int(raw.get("step") or 0) + within_steps}
-    imported = import_community_checkpoint(repaired, tc, str(backup.path),
-                                           {"policy": "experimental", "repair": record, "backup_sha256": backup.sha256,
-                                            "text_loss_gate": gate})
+    folder = Path(backup_dir) if backup_dir else out / "backup"
+    with removed_on_failure(out, folder, folder / path.name):
+        backup = backup_checkpoint(path, folder)
+        imported = import_community_checkpoint(repaired, tc, str(backup.path),
+                                               {"policy": "experimental", "repair": record,
+                                                "backup_sha256": backup.sha256, "text_loss_gate": gate})
     lineage = torch_load(imported)["lineage"]
     config = GateConfig(base_rows_sha256=lineage["base_rows_sha256"] if tc.freeze == "split" else None,
                         text_loss_weight=tc.text_loss_weight, mel_loss_weight=tc.mel_loss_weight,
