@@ -64,6 +64,40 @@ def build(size: str, device: torch.device):
     return model, step, state
 
 
+def measure_stall(size: str, device: torch.device, saves: int, steps_between: int, folder: Path | None = None) -> dict:
+    """Alternating synchronous and background saves with training steps between them: per writer, the loop's
+    blocked time per save and the write time behind it (seconds)."""
+    model, step, state = build(size, device)
+    for _ in range(2):
+        step()
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        writers = {"synchronous": AsyncCheckpointWriter(background=False), "background": AsyncCheckpointWriter()}
+        step_no = 0
+        step_seconds = []
+        for _ in range(saves):
+            for name, writer in writers.items():
+                for _ in range(steps_between):
+                    started = time.perf_counter()
+                    step()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    step_seconds.append(time.perf_counter() - started)
+                step_no += 1
+                writer.submit(Path(tmp) / name, step_no, state(step_no), {"reason": "bench"})
+        for writer in writers.values():
+            writer.wait()
+        checkpoint_mb = max(p.stat().st_size for p in Path(tmp).rglob("*.pt")) / 1e6
+    result = {"size": size, "device": str(device), "saves": saves, "steps_between": steps_between,
+              "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+              "checkpoint_mb": checkpoint_mb, "step_s_median": statistics.median(step_seconds)}
+    for name, writer in writers.items():
+        blocked = [t.blocked_s for t in writer.timings]
+        written = [t.write_s for t in writer.timings]
+        result[name] = {"blocked_s_median": statistics.median(blocked), "blocked_s_max": max(blocked),
+                        "write_s_median": statistics.median(written)}
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="demo")
@@ -74,38 +108,17 @@ def main() -> int:
     args = parser.parse_args()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
 
-    model, step, state = build(args.size, device)
-    for _ in range(2):
-        step()
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        writers = {"synchronous": AsyncCheckpointWriter(background=False), "background": AsyncCheckpointWriter()}
-        step_no = 0
-        step_seconds = []
-        for _ in range(args.saves):
-            for name, writer in writers.items():
-                for _ in range(args.steps_between):
-                    started = time.perf_counter()
-                    step()
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    step_seconds.append(time.perf_counter() - started)
-                step_no += 1
-                writer.submit(Path(tmp) / name, step_no, state(step_no), {"reason": "bench"})
-        for writer in writers.values():
-            writer.wait()
-        size_mb = max(p.stat().st_size for p in Path(tmp).rglob("*.pt")) / 1e6
-        params = sum(p.numel() for p in model.parameters())
-        print(f"size {args.size}: {params / 1e6:.1f}M trainable parameters, checkpoint {size_mb:.1f} MB, device "
-              f"{device}, {args.saves} saves each, {args.steps_between} training steps between saves "
-              f"(median step {1000 * statistics.median(step_seconds):.1f} ms)")
-        print(f"{'writer':>12} | {'blocked per save (median)':>25} | {'max':>9} | {'write time (median)':>19}")
-        for name, writer in writers.items():
-            blocked = [t.blocked_s for t in writer.timings]
-            written = [t.write_s for t in writer.timings]
-            print(f"{name:>12} | {1000 * statistics.median(blocked):22.1f} ms | {1000 * max(blocked):6.1f} ms | "
-                  f"{1000 * statistics.median(written):16.1f} ms")
-        sync, background = (statistics.median(t.blocked_s for t in w.timings) for w in writers.values())
-        print(f"blocked time: background ÷ synchronous = {background / sync:.3f}")
+    r = measure_stall(args.size, device, args.saves, args.steps_between, args.dir)
+    print(f"size {args.size}: {r['trainable_params'] / 1e6:.1f}M trainable parameters, checkpoint "
+          f"{r['checkpoint_mb']:.1f} MB, device {device}, {args.saves} saves each, {args.steps_between} training "
+          f"steps between saves (median step {1000 * r['step_s_median']:.1f} ms)")
+    print(f"{'writer':>12} | {'blocked per save (median)':>25} | {'max':>9} | {'write time (median)':>19}")
+    for name in ("synchronous", "background"):
+        w = r[name]
+        print(f"{name:>12} | {1000 * w['blocked_s_median']:22.1f} ms | {1000 * w['blocked_s_max']:6.1f} ms | "
+              f"{1000 * w['write_s_median']:16.1f} ms")
+    print(f"blocked time: background ÷ synchronous = "
+          f"{r['background']['blocked_s_median'] / r['synchronous']['blocked_s_median']:.3f}")
     return 0
 
 

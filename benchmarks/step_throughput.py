@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/step_throughput.py --size tiny            # CPU: minutes
     .venv/bin/python benchmarks/step_throughput.py --size full --batch-size 32 --amp bf16   # one GPU
 
+benchmarks/gpu_suite.py runs it at batch 16 and 32, eager and compiled, with and without activation checkpointing.
+
 fidel: `UnifiedVoiceGPT` (split freeze: base text rows are buffers; SDPA attention, causal, no mask tensor;
 cross-entropy over the scored positions only, in checkpointed row chunks), length-bucketed batches under a token
 budget (`BucketBatchSampler(max_tokens=batch size × mean item length)`), AdamW groups by name (`make_optimizer`:
@@ -17,7 +19,8 @@ same UnifiedVoice embeddings and heads; full text rows with gradient-zeroing hoo
 batches of a fixed size; cross-entropy over every padded position, masked by multiplication; one foreach AdamW
 group; clipping 1.0; the same precision.
 
-Synthetic data with a realistic length distribution: codes of 2-15 s at 50 Hz, text ids at 4-8 per second.
+Synthetic data with a realistic length distribution: codes of 2-15 s at 50 Hz, text ids at 4-8 per second
+(size "dry", the GPU suite's CPU dry run: 0.5-2 s clips and small vocabularies, seconds on a CPU).
 Real tokens of a pair are its text ids plus its codes (padding efficiency = real ÷ computed, as in
 benchmarks/padding_efficiency.py). MFU counts the model FLOPs of the real positions only (prefix, text and
 codes with their start/stop: what a step with no padding must compute): 6 × matmul parameters per position
@@ -60,38 +63,57 @@ from trainer.train import (  # noqa: E402
     skips_on_device,
 )
 
-SIZES = {  # dim, layers, heads; both keep the real 24001-row text head and 8194-code mel head
-    "tiny": (128, 4, 4),
-    "full": (1280, 24, 20),
+
+@dataclass(frozen=True)
+class Size:
+    dim: int
+    layers: int
+    heads: int
+    text_tokens: int = 24000  # the extended vocabulary; the base holds half of it (12000 pieces)
+    mel_codes: int = 8194
+    seconds: tuple[float, float] = (2.0, 15.0)  # clip lengths of the synthetic pairs
+
+
+SIZES = {  # tiny and full keep the real 24001-row text head and 8194-code mel head
+    "dry": Size(64, 2, 2, text_tokens=2000, mel_codes=258, seconds=(0.5, 2.0)),
+    "tiny": Size(128, 4, 4),
+    "full": Size(1280, 24, 20),
 }
-BASE_TEXT_TOKENS, TEXT_TOKENS, MEL_CODES = 12000, 24000, 8194
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 # ----------------------------------------------------------------------------- data
 
-def synthetic_pairs(n: int, dim: int, seed: int) -> list[Example]:
+def synthetic_pairs(n: int, size: str, seed: int, seconds: tuple[float, float] | None = None) -> list[Example]:
+    """n pairs of random lengths in the size's clip range (or `seconds`: (s, s) gives n pairs of one length)."""
+    spec = SIZES[size]
+    low, high = seconds or spec.seconds
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     pairs = []
     for _ in range(n):
-        seconds = rng.uniform(2.0, 15.0)
-        codes = int(seconds * 50)
-        text = max(3, int(seconds * rng.uniform(4.0, 8.0)))
+        clip = rng.uniform(low, high)
+        codes = int(clip * 50)
+        text = max(3, int(clip * rng.uniform(4.0, 8.0)))
         pairs.append(Example(
-            text_ids=torch.randint(2, TEXT_TOKENS, (text,), generator=gen),
-            codes=torch.randint(0, MEL_CODES - 2, (codes,), generator=gen),
-            condition=torch.randn(32, dim, generator=gen) * 0.1,
-            emo_vec=torch.randn(dim, generator=gen) * 0.1,
+            text_ids=torch.randint(2, spec.text_tokens, (text,), generator=gen),
+            codes=torch.randint(0, spec.mel_codes - 2, (codes,), generator=gen),
+            condition=torch.randn(32, spec.dim, generator=gen) * 0.1,
+            emo_vec=torch.randn(spec.dim, generator=gen) * 0.1,
         ))
     return pairs
 
 
 def gpt_config(size: str) -> GPTConfig:
-    dim, layers, heads = SIZES[size]
-    return GPTConfig(model_dim=dim, layers=layers, heads=heads, max_text_tokens=600, max_mel_tokens=1815,
-                     number_text_tokens=TEXT_TOKENS, number_mel_codes=MEL_CODES, start_mel_token=MEL_CODES - 2,
-                     stop_mel_token=MEL_CODES - 1)
+    spec = SIZES[size]
+    return GPTConfig(model_dim=spec.dim, layers=spec.layers, heads=spec.heads, max_text_tokens=600,
+                     max_mel_tokens=1815, number_text_tokens=spec.text_tokens, number_mel_codes=spec.mel_codes,
+                     start_mel_token=spec.mel_codes - 2, stop_mel_token=spec.mel_codes - 1)
+
+
+def base_rows(cfg: GPTConfig) -> int:
+    """The base's text rows: half the extended vocabulary (12000 of 24000 pieces) plus the stop row."""
+    return cfg.number_text_tokens // 2 + 1
 
 
 # ----------------------------------------------------------------------------- the community baseline
@@ -129,7 +151,7 @@ class HFBackbone(torch.nn.Module):
 
 
 def community_model(cfg: GPTConfig) -> UnifiedVoiceGPT:
-    model = UnifiedVoiceGPT(cfg, base_rows=BASE_TEXT_TOKENS + 1, freeze="hooks")
+    model = UnifiedVoiceGPT(cfg, base_rows=base_rows(cfg), freeze="hooks")
     model.gpt = HFBackbone(cfg)
     return model
 
@@ -153,6 +175,7 @@ class Setup:
     step: callable  # (batch on host) -> None
     batches: list[list[int]]
     check: callable = lambda: None  # after a timed step: raise if it went wrong
+    optimizer: torch.optim.Optimizer | None = None
 
 
 def baseline_setup(cfg, pairs, batch_size, seed, device, dtype) -> Setup:
@@ -170,15 +193,17 @@ def baseline_setup(cfg, pairs, batch_size, seed, device, dtype) -> Setup:
         optimizer.zero_grad(set_to_none=True)
 
     batches = [b for e in range(8) for b in random_batches(len(pairs), batch_size, seed, e) if len(b) == batch_size]
-    return Setup("baseline", model, step, batches)
+    return Setup("baseline", model, step, batches, optimizer=optimizer)
 
 
-def fidel_setup(cfg, pairs, batch_size, seed, device, dtype, compile_backbone, checkpointing) -> Setup:
+def fidel_setup(cfg, pairs, batch_size, seed, device, dtype, compile_backend: str | None, checkpointing: bool,
+                freeze: str = "split") -> Setup:
+    """compile_backend: None runs eager; "inductor" is `fidel train --compile` (the dry run uses "aot_eager")."""
     torch.manual_seed(seed)
-    model = UnifiedVoiceGPT(cfg, base_rows=BASE_TEXT_TOKENS + 1, activation_checkpointing=checkpointing)
+    model = UnifiedVoiceGPT(cfg, base_rows=base_rows(cfg), freeze=freeze, activation_checkpointing=checkpointing)
     model = model.to(device).train()
-    if compile_backbone:
-        model.compile_blocks()
+    if compile_backend:
+        model.compile_blocks(backend=compile_backend)
     optimizer = make_optimizer(param_groups(model, 2e-5, 1e-4, 0.01), device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -202,7 +227,7 @@ def fidel_setup(cfg, pairs, batch_size, seed, device, dtype, compile_backbone, c
     budget = int(batch_size * statistics.mean(t + c for t, c in zip(texts, codes, strict=True)))
     sampler = BucketBatchSampler(texts, codes, batch_size, seed=seed, max_tokens=budget)
     batches = [b for e in range(8) for b in sampler.epoch_batches(e)]
-    return Setup("fidel", model, step, batches, check)
+    return Setup("fidel", model, step, batches, check, optimizer)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -323,11 +348,12 @@ def main() -> int:
     dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     batch_size = args.batch_size or (32 if args.size == "full" else 4)
     cfg = gpt_config(args.size)
-    pairs = synthetic_pairs(args.pairs or 40 * batch_size, cfg.model_dim, args.seed)
+    pairs = synthetic_pairs(args.pairs or 40 * batch_size, args.size, args.seed)
     texts, codes = [len(p.text_ids) for p in pairs], [len(p.codes) for p in pairs]
     peak, peak_note = peak_flops(device, args.peak_tflops)
 
-    setups = [fidel_setup(cfg, pairs, batch_size, args.seed, device, dtype, args.compile, args.checkpointing),
+    setups = [fidel_setup(cfg, pairs, batch_size, args.seed, device, dtype, "inductor" if args.compile else None,
+                          args.checkpointing),
               baseline_setup(cfg, pairs, batch_size, args.seed, device, dtype)]
     trainable = {s.name: sum(p.numel() for p in s.model.parameters() if p.requires_grad) for s in setups}
     print(f"size {args.size} (dim {cfg.model_dim}, {cfg.layers} layers, {cfg.text_rows} text rows, "
