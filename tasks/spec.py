@@ -18,7 +18,7 @@ class RunSpec:
     train_manifests: list[str] = same_as(TrainConfig, "train_manifests")
     val_manifests: list[str] = same_as(TrainConfig, "val_manifests")
     tokenizer: str = same_as(TrainConfig, "tokenizer")
-    base_tokenizer: str = option(help="the base sentencepiece model the tokenizer extends", flag=None)
+    base_tokenizer: str = same_as(TrainConfig, "base_tokenizer")
     config: str = same_as(TrainConfig, "config")
     base_checkpoint: str = same_as(TrainConfig, "base_checkpoint")
     output_dir: str = same_as(TrainConfig, "output_dir")
@@ -43,6 +43,7 @@ class RunSpec:
         val = [str(data_dir / "val.parquet")] if data_dir else self.val_manifests
         return TrainConfig(train_manifests=train, val_manifests=val, tokenizer=self.tokenizer, config=self.config,
                            output_dir=self.output_dir, base_checkpoint=self.base_checkpoint, resume=self.resume,
+                           base_tokenizer=self.base_tokenizer,
                            mlflow_run_id=mlflow_run_id, **self.train)
 
     def to_dict(self) -> dict:

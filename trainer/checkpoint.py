@@ -6,11 +6,13 @@ base checkpoint and are referenced by their hash (design.md §4).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import random
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,18 +43,39 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, write) -> None:
-    """Write through a temp file in the same folder, fsync, rename, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def disk_problem(folder: Path, exc: BaseException) -> str | None:
+    """What a failed write says when the disk refused it (full, read-only, no permission), else None."""
+    code = getattr(exc, "errno", None)
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"not writable ({os.strerror(code)})"
     try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    # torch.save hides ENOSPC behind "enforce fail at inline_container.cc ... unexpected pos"
+    if code in (errno.ENOSPC, errno.EDQUOT) or (isinstance(exc, RuntimeError) and free is not None and free < 1 << 20):
+        return f"no space left on device ({(free or 0) / 2**20:.1f} MiB free)"
+    return None
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Write through a temp file in the same folder, fsync, rename, fsync the folder. A disk that refuses the
+    write (full, read-only) is a FidelError saying so; the temp file goes, whatever was there stays."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        problem = disk_problem(path.parent, exc)  # before the temp file goes: a full disk is still full
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if problem:
+            raise FidelError(path, f"cannot write: {problem}") from None
         raise
     fsync_dir(path.parent)
 
@@ -96,12 +119,21 @@ def sidecar_path(path: Path) -> Path:
 
 
 def save_checkpoint(folder: Path, step: int, state: dict, sidecar: dict) -> Saved:
-    """state: everything to restore; sidecar: what a human or triage needs without loading it."""
+    """state: everything to restore; sidecar: what a human or triage needs without loading it.
+
+    A write the disk refuses leaves no half checkpoint, and says which checkpoint is the newest valid one."""
     path = checkpoint_path(folder, step)
-    atomic_write_bytes(path, lambda h: torch.save({"format": FORMAT, **state}, h))
-    meta = {"format": FORMAT, "file": path.name, "sha256": file_sha256(path), "size": path.stat().st_size,
-            "step": step, **sidecar}
-    atomic_write_json(sidecar_path(path), meta)
+    try:
+        atomic_write_bytes(path, lambda h: torch.save({"format": FORMAT, **state}, h))
+        meta = {"format": FORMAT, "file": path.name, "sha256": file_sha256(path), "size": path.stat().st_size,
+                "step": step, **sidecar}
+        atomic_write_json(sidecar_path(path), meta)
+    except FidelError as exc:
+        if not sidecar_path(path).is_file():
+            path.unlink(missing_ok=True)  # a checkpoint without its sidecar never verifies: do not leave one
+        newest, _ = latest_valid_checkpoint(folder)
+        raise FidelError(exc.path, f"{exc.problem}: checkpoint of step {step} not saved; newest valid checkpoint "
+                                   f"{newest.name if newest else '(none)'} is intact") from None
     return Saved(path, meta)
 
 
@@ -114,6 +146,8 @@ def list_checkpoints(folder: Path) -> list[Path]:
 
 
 def read_sidecar(path: Path) -> dict:
+    if not path.is_file():
+        raise FidelError(path, "checkpoint not found" if not path.exists() else "checkpoint is not a file")
     side = sidecar_path(path)
     if not side.is_file():
         raise FidelError(path, "no sidecar JSON: cannot verify this checkpoint")
@@ -166,9 +200,10 @@ def remove_stale_temp_files(folder: Path) -> list[Path]:
 
 
 def prune_checkpoints(folder: Path, keep_last: int, keep: set[Path] = frozenset()) -> list[Path]:
-    """Delete all but the newest `keep_last` checkpoints (and any in `keep`); returns what was deleted."""
+    """Delete all but the newest `keep_last` checkpoints (at least the newest, and any in `keep`); returns what
+    was deleted."""
     removed = []
-    for path in list_checkpoints(folder)[keep_last:]:
+    for path in list_checkpoints(folder)[max(1, keep_last):]:  # the newest always stays, even with keep_last 0
         if path in keep:
             continue
         path.unlink(missing_ok=True)

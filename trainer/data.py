@@ -287,7 +287,24 @@ def read_npy(path: str | Path) -> np.ndarray:
             offset = start + length
             if len(data) - offset == count * dtype.itemsize:
                 return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+    check_npy_size(data)
     return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def check_npy_size(data: bytes) -> None:
+    """ValueError when the header promises more data than the file holds: np.load would first allocate all of
+    it (a corrupt header claiming 1 TiB is a MemoryError, not a bad file)."""
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(stream)
+    except (ValueError, SyntaxError, TypeError):
+        return  # not a plain .npy: np.load says what it is
+    want = math.prod(shape) * dtype.itemsize
+    if not dtype.hasobject and want > len(data) - stream.tell():
+        raise ValueError(f"header says shape {list(shape)} of {dtype} ({want:,} bytes) but the file holds "
+                         f"{len(data) - stream.tell():,}: truncated or corrupt")
 
 
 def load_npy(path: Path, pair: Pair) -> np.ndarray:

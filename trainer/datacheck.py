@@ -20,6 +20,7 @@ import numpy as np
 
 from trainer.config import GPTConfig, load_gpt_config
 from trainer.data import FRAME_RATE, Pair, read_manifest, read_npy, split_manifest_spec
+from trainer.errors import FidelError
 from trainer.text import normalize_text, script_share
 from trainer.tokenizer import load_tokenizer, sha256_file
 
@@ -48,6 +49,7 @@ CHECKS: dict[str, tuple[str, str]] = {
     "prompt_is_target": (DROPPED, "the prompt is the target utterance itself"),
     "cross_speaker": (DROPPED, "prompt and target are different speakers"),
     "duplicate": (DROPPED, "the same pair, or the same recording under another name, seen earlier"),
+    "id_conflict": (DROPPED, "an id already used by a row with other content (text or feature files)"),
     "leakage": (DROPPED, "a validation target also in the training data"),
 }
 ROLES = ("text_ids", "codes", "condition", "emo_vec")
@@ -370,6 +372,25 @@ def check_duplicates(rows: list[Row], min_codes: int) -> None:
                                      "recording twice")
 
 
+def content_of(row: Row) -> dict:
+    p = row.pair
+    return {"target_text": p.text, "codes": norm(p.codes_path), "text ids": norm(p.text_ids_path),
+            "conditioning": norm(p.condition_path), "emotion vector": norm(p.emo_vec_path),
+            "codes content": row.facts.codes_hash}
+
+
+def check_id_conflicts(rows: list[Row]) -> None:
+    """id_conflict: two rows with one id and different content; which one a later lookup finds is a guess."""
+    first: dict[str, Row] = {}
+    for row in rows:
+        seen = first.setdefault(row.pair.id, row)
+        if seen is not row:
+            differ = [k for k, v in content_of(row).items() if content_of(seen)[k] != v]
+            if differ:
+                row.add("id_conflict", f"id {row.pair.id!r} is also {seen.pair.where}, with other "
+                                       f"{', '.join(differ)}")
+
+
 def check_leakage(train: list[Row], val: list[Row], min_codes: int) -> None:
     paths = {norm(r.pair.codes_path): r for r in train}
     hashes = {r.facts.codes_hash: r for r in train if r.facts.codes_hash and r.facts.code_len >= min_codes}
@@ -544,6 +565,7 @@ def checked_report(splits: dict[str, Sequence[str]], split_rows: dict[str, list[
     """The checks across rows (speakers, duplicates, leakage, padded tails) and the report of every split."""
     everything = [r for rows in split_rows.values() for r in rows]
     check_speakers(everything)
+    check_id_conflicts(everything)
     for rows in split_rows.values():
         check_duplicates(rows, ctx.settings.min_duplicate_codes)
     if "train" in split_rows and "val" in split_rows:
@@ -566,6 +588,49 @@ def checked_report(splits: dict[str, Sequence[str]], split_rows: dict[str, list[
             "text_len": np.array([r.facts.text_len for r in kept], dtype=np.int64),
             "code_len": np.array([r.facts.code_len for r in kept], dtype=np.int64)}
     return report
+
+
+TRAINING_FAULTS = ("empty_codes", "codes_out_of_range", "code_len_mismatch", "codes_too_long")
+
+
+def text_id_problem(pair: Pair, ids: np.ndarray, cfg: GPTConfig) -> str | None:
+    """Stored text ids as training embeds them: pieces of this tokenizer, never the start or stop token."""
+    specials = (cfg.start_text_token, cfg.stop_text_token)
+    bad = (ids < 0) | (ids >= cfg.number_text_tokens) | np.isin(ids, specials)
+    if bad.any():
+        return (f"text id {int(ids[bad][0])} at position {int(np.flatnonzero(bad)[0])} is outside this tokenizer's "
+                f"pieces 0..{cfg.number_text_tokens - 1} or a start/stop token {specials}")
+    if len(ids) != pair.text_len:
+        return f"target_text_len {pair.text_len} but {pair.text_ids_path.name} holds {len(ids)} ids"
+    if len(ids) > cfg.max_text_tokens:
+        return f"{len(ids)} text ids > max_text_tokens {cfg.max_text_tokens}"
+    return None
+
+
+def training_pair_problem(pair: Pair, ctx: CheckContext) -> str | None:
+    """The first problem that would stop or corrupt training on this pair: dtypes, shapes, ranges, lengths."""
+    loaded = {}
+    for role, path in zip(ROLES, (pair.text_ids_path, pair.codes_path, pair.condition_path, pair.emo_vec_path),
+                          strict=True):
+        loaded[role], problem = load_feature(role, path, ctx)
+        if problem:
+            return f"{problem[0]}: {problem[1]}"
+    problem = text_id_problem(pair, loaded["text_ids"], ctx.cfg)
+    if problem:
+        return problem
+    known = RowFacts(duration=-1.0)  # no audio read: duration checks find no training fault
+    faults = [f"{c}: {d}" for c, d in code_problems(pair, loaded["codes"], ctx, known)
+              if c in TRAINING_FAULTS]
+    return faults[0] if faults else None
+
+
+def check_training_pairs(pairs: Sequence[Pair], cfg: GPTConfig) -> None:
+    """`fidel train` on JSONL: every pair checked before any step; the first bad one is one line, manifest:line."""
+    ctx = CheckContext(cfg, lambda texts: [], "", "", CheckSettings(cond_dtype="float32"))
+    for pair in pairs:
+        problem = training_pair_problem(pair, ctx)
+        if problem:
+            raise FidelError(pair.where, f"pair {pair.id}: {problem} (`fidel data check` lists every problem)")
 
 
 def check_manifests(splits: dict[str, Sequence[str]], tokenizer: str | Path, config: str | Path,

@@ -14,7 +14,13 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import atomic_write_bytes, atomic_write_json, file_sha256, load_checkpoint
+from trainer.checkpoint import (
+    atomic_write_bytes,
+    atomic_write_json,
+    disk_problem,
+    file_sha256,
+    load_checkpoint,
+)
 from trainer.config import load_gpt_config, read_config_yaml, write_config_yaml
 from trainer.errors import FidelError
 from trainer.model import upstream_state_dict
@@ -43,21 +49,50 @@ class Exported:
 
 def write_export(weights: dict[str, torch.Tensor], out: Path, tokenizer: str | Path, config: str | Path,
                  number_text_tokens: int) -> tuple[Path, Path, Path]:
-    """gpt.pth, bpe.model and config.yaml (number_text_tokens updated) into out; refuses to overwrite."""
+    """gpt.pth, bpe.model and config.yaml (number_text_tokens updated) into out; refuses to overwrite. A write
+    the disk refuses (full, read-only) removes what this export wrote and is one line saying so."""
     targets = [out / name for name in EXPORT_FILES]
     taken = [p.name for p in targets if p.exists()]
     if taken:
-        raise FidelError(out, f"already holds {', '.join(taken)}; choose an empty folder")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(targets[0], lambda h: torch.save(weights, h))
-    shutil.copyfile(tokenizer, targets[1])
-    write_config_yaml(read_config_yaml(config), targets[2], number_text_tokens)
+        unfinished = "" if (out / "export.json").exists() else " (no export.json: an interrupted export?)"
+        raise FidelError(out, f"already holds {', '.join(taken)}{unfinished}; choose an empty folder")
+    remove_stale_temp_files(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(targets[0], lambda h: torch.save(weights, h))
+        shutil.copyfile(tokenizer, targets[1])
+        write_config_yaml(read_config_yaml(config), targets[2], number_text_tokens)
+    except (OSError, FidelError) as exc:
+        problem = exc.problem if isinstance(exc, FidelError) else disk_problem(out, exc)
+        remove_export(out)
+        if problem is None:
+            raise
+        raise FidelError(out, f"export not written, nothing kept: {problem}") from None
     return targets[0], targets[1], targets[2]
 
 
 def remove_export(out: Path) -> None:
     for name in EXPORT_FILES:
         (out / name).unlink(missing_ok=True)
+
+
+def remove_stale_temp_files(out: Path) -> None:
+    """Hidden temp files of an export that was killed mid-write (atomic_write_bytes names them .NAME.*.tmp)."""
+    if out.is_dir():
+        for name in EXPORT_FILES:
+            for stale in out.glob(f".{name}.*.tmp"):
+                stale.unlink(missing_ok=True)
+
+
+def check_recorded_inputs(tc: TrainConfig, lineage: dict) -> None:
+    """The tokenizer and config an export ships must be the files this lineage trained with (by sha256)."""
+    for name, key in (("tokenizer", "tokenizer_sha256"), ("config", "config_sha256")):
+        path, recorded = Path(getattr(tc, name)), lineage.get(key)
+        if not path.is_file():
+            raise FidelError(path, f"the {name} this lineage trained with is not found there (moved?)")
+        if recorded and file_sha256(path) != recorded:
+            raise FidelError(path, f"sha256 {file_sha256(path)[:12]} differs from the {name} this lineage trained "
+                                   f"with ({recorded[:12]}): not its {name}; nothing exported")
 
 
 def export_model(checkpoint: str | Path, out_dir: str | Path, fp16: bool = False,
@@ -71,6 +106,7 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, fp16: bool = False
     tc = TrainConfig(**state["train_config"])
     if base_checkpoint is not None:
         tc = replace(tc, base_checkpoint=str(base_checkpoint))
+    check_recorded_inputs(tc, state["lineage"])
     setup = build_model(tc)
     model = setup.model
     frozen = {k: v for k, v in model.state_dict().items() if k in FROZEN_BUFFERS}
@@ -110,7 +146,11 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, fp16: bool = False
         "checked": "keys, order and shapes as the base" + (
             "; base rows and pass-through tensors byte-identical" if base is not None and not fp16 else ""),
     }
-    atomic_write_json(out / "export.json", record)
+    try:
+        atomic_write_json(out / "export.json", record)
+    except FidelError as exc:
+        remove_export(out)
+        raise FidelError(out, f"export not written, nothing kept: {exc.problem}") from None
     return Exported(out, gpt, tokenizer, config, record)
 
 

@@ -367,6 +367,9 @@ class TrainConfig:
     base_checkpoint: str | None = option(
         None, help="the base gpt.pth (unset: train from scratch with no base rows, as the demo's base model)",
         yaml=False, flag_default="checkpoints/gpt.pth")
+    base_tokenizer: str | None = option(
+        None, help="the base sentencepiece model: when given, the tokenizer must keep its pieces at the same ids",
+        yaml=False)
     resume: str | None = option(None, help="a checkpoint path, or 'auto' for the newest valid one (unset: fresh)",
                                 yaml=False)
     epochs: int = option(10, help="passes over the training data (when max_steps is unset)", min=1)

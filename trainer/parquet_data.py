@@ -444,3 +444,27 @@ class ParquetPairs(torch.utils.data.Dataset):
     def column(self, name: str) -> list:
         """A non-tensor column (text, speaker, pair_id, ...) of every row, read from the Parquet files."""
         return [v for p in self.paths for v in pq.read_table(p, columns=[name]).column(name).to_pylist()]
+
+
+def check_training_rows(dataset: ParquetPairs, cfg: GPTConfig) -> None:
+    """A Parquet dataset as training reads it: conditioning shape, text ids and codes in range (start and stop
+    tokens excluded). Vectorised over each chunk; the first bad row is one line naming file and row."""
+    if dataset.condition_shape != (cfg.condition_num_latent, cfg.model_dim):
+        raise FidelError(dataset.paths[0], f"conditioning shape {list(dataset.condition_shape)}, this config wants "
+                                           f"[{cfg.condition_num_latent}, {cfg.model_dim}]")
+    codebook = min(cfg.start_mel_token, cfg.stop_mel_token)
+    ends = np.cumsum([m["rows"] for m in dataset.meta])
+    for chunk in dataset.open():
+        for name, offsets, values, ok in (
+                ("text id", chunk.text_offsets, chunk.text_values,
+                 lambda v: (v >= 0) & (v < cfg.number_text_tokens) & (v != cfg.start_text_token)
+                 & (v != cfg.stop_text_token)),
+                ("code", chunk.code_offsets, chunk.code_values, lambda v: (v >= 0) & (v < codebook))):
+            bad = np.flatnonzero(~ok(values[offsets[0]:offsets[-1]]))
+            if len(bad):
+                row = chunk.start + int(np.searchsorted(offsets, offsets[0] + bad[0], side="right")) - 1
+                file = int(np.searchsorted(ends, row, side="right"))
+                value = int(values[offsets[0] + bad[0]])
+                limit = cfg.number_text_tokens if name == "text id" else codebook
+                raise FidelError(dataset.paths[file], f"row {row - (ends[file - 1] if file else 0)}: {name} {value} "
+                                                      f"outside 0..{limit - 1} (start and stop tokens excluded)")

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -40,7 +42,7 @@ from trainer.errors import FidelError
 from trainer.model import Batch, UnifiedVoiceGPT
 from trainer.optim import amp_dtype, lr_factor, make_optimizer, param_groups
 from trainer.options import TrainConfig
-from trainer.tokenizer import load_tokenizer
+from trainer.tokenizer import check_base_pieces, load_model_proto, load_tokenizer
 from trainer.vocab import InitRecord, extended_model
 from trainer.weights import base_checkpoint_rows_hash, load_base_checkpoint, model_base_rows_hash
 
@@ -147,7 +149,7 @@ def build_model(tc: TrainConfig) -> Setup:
     return Setup(cfg, model, base_rows, base_hash, init)
 
 
-def resolve_resume(tc: TrainConfig) -> Path | None:
+def resolve_resume(tc: TrainConfig, warn: Callable[[str], None] = lambda message: None) -> Path | None:
     out = Path(tc.output_dir)
     if tc.resume is None:
         newest, _ = latest_valid_checkpoint(out)
@@ -156,9 +158,71 @@ def resolve_resume(tc: TrainConfig) -> Path | None:
                                   "continue, or choose a new --output-dir")
         return None
     if tc.resume == "auto":
-        newest, _ = latest_valid_checkpoint(out)
+        newest, rejected = latest_valid_checkpoint(out)
+        for path, problem in rejected:
+            warn(f"skipping {path.name}, newer than the checkpoint resumed: {problem}")
         return newest
-    return Path(tc.resume)
+    path = Path(tc.resume)
+    if not path.is_file():
+        raise FidelError(path, "--resume: checkpoint not found" if not path.exists() else "--resume: not a file")
+    return path
+
+
+def check_output_dir(out: Path) -> None:
+    """The output dir is a folder we can write in, or one we can create: checked before any work."""
+    if out.exists() and not out.is_dir():
+        raise FidelError(out, "output dir is a file, not a folder")
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise FidelError(out, f"output dir cannot be created: {existing} is a file")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()  # os.access says yes to root on a read-only mount
+    except OSError as exc:
+        raise FidelError(out, f"output dir is not writable ({exc.strerror})") from None
+
+
+def check_base_tokenizer(tc: TrainConfig) -> None:
+    """With the base tokenizer known, the extended one must keep its pieces at the same ids."""
+    if tc.base_tokenizer is None:
+        return
+    line = check_base_pieces(load_model_proto(tc.tokenizer), load_model_proto(tc.base_tokenizer))
+    if not line.passed:
+        raise FidelError(tc.tokenizer, f"does not extend base tokenizer {tc.base_tokenizer}: {line.value} "
+                                       f"({line.detail}); its base rows would be trained on the wrong pieces")
+
+
+def checkpoint_bytes(model: UnifiedVoiceGPT) -> int:
+    """About one checkpoint: the trainable tensors and AdamW's two moments of each, in float32, plus slack."""
+    trainable = sum(t.numel() * 4 for t in trainable_state(model).values())
+    return trainable * 3 + (1 << 20)
+
+
+def check_free_space(out: Path, model: UnifiedVoiceGPT) -> None:
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    free, need = shutil.disk_usage(existing).free, checkpoint_bytes(model)
+    if free < need:
+        raise FidelError(out, f"{free / 2**20:.1f} MiB free, one checkpoint needs about {need / 2**20:.1f} MiB: "
+                              "free some space or choose another output dir")
+
+
+def check_rows(data, cfg: GPTConfig) -> None:
+    """Every row training will read, checked as `fidel data check` checks it: a bad one is manifest:line."""
+    if data.source == "jsonl":
+        from trainer.datacheck import check_training_pairs
+
+        check_training_pairs([*data.train_set.pairs, *data.val_set.pairs], cfg)
+    else:
+        from trainer.parquet_data import check_training_rows
+
+        check_training_rows(data.train_set, cfg)
+        check_training_rows(data.val_set, cfg)
+
+
+def recorded_config(tc: TrainConfig) -> dict:
+    """The config a checkpoint keeps, with absolute paths: an export from another folder finds the same files."""
+    paths = {k: str(Path(v).absolute()) for k in ("tokenizer", "config", "base_checkpoint", "base_tokenizer")
+             if (v := getattr(tc, k))}
+    return {**tc.to_dict(), **paths}
 
 
 def lineage_of(tc: TrainConfig, setup: Setup, env: Dist, total_steps: int) -> dict:
@@ -347,19 +411,24 @@ def train(tc: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     device = resolve_device(tc.device, env)
     dtype = amp_dtype(tc.amp, device)
     out = Path(tc.output_dir)
-    resume_path = resolve_resume(tc)
+    check_output_dir(out)
+    resume_path = resolve_resume(tc, hooks.on_warning)
+    check_base_tokenizer(tc)
+    cfg = load_gpt_config(tc.config).with_text_tokens(load_tokenizer(tc.tokenizer).get_piece_size())
+    # the Parquet dataset of `fidel data build` (its tokenizer must be this run's) or paired JSONL manifests
+    data = training_data(tc.train_manifests, tc.val_manifests, tc.batch_size, tc.seed, tokenizer=tc.tokenizer,
+                         max_tokens=tc.batch_tokens)
+    check_rows(data, cfg)
+    setup = build_model(tc)
+    check_free_space(out, setup.model)
     if env.main:
         remove_stale_temp_files(out)
-    setup = build_model(tc)
     model = setup.model.to(device)
     if model_base_rows_hash(model) != setup.base_hash:
         raise FidelError(tc.base_checkpoint, "base rows changed while building the model")
     if tc.compile:
         model.compile_blocks()
 
-    # the Parquet dataset of `fidel data build` (its tokenizer must be this run's) or paired JSONL manifests
-    data = training_data(tc.train_manifests, tc.val_manifests, tc.batch_size, tc.seed, tokenizer=tc.tokenizer,
-                         max_tokens=tc.batch_tokens)
     accum = tc.grad_accumulation
     group = env.world * accum
     steps_per_epoch = max(1, len(data.sampler.epoch_batches(0)) // group)
@@ -426,7 +495,7 @@ def train(tc: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "step": pos.step, "epoch": pos.epoch, "position": pos.micro, "accumulation_counter": 0,
             "rng": rng_state(), "lineage": lineage, "val_history": val_history, "best": best,
-            "skipped_steps": int(skipped), "train_config": tc.to_dict(),
+            "skipped_steps": int(skipped), "train_config": recorded_config(tc),
             "committed_rows": list(pending),  # replayed on resume in case a kill fell between save and commit
         }
         sidecar = {"epoch": pos.epoch, "sampler": {"epoch": pos.epoch, "position": pos.micro, "seed": tc.seed},
