@@ -246,3 +246,36 @@ def test_unreadable_files_name_the_file(tmp_path):
     torch.save({"optimizer": {}}, tmp_path / "no_model.pth")
     with pytest.raises(FidelError, match="no UnifiedVoice state_dict"):
         read_state_dict(tmp_path / "no_model.pth")
+
+
+def test_fine_tuning_the_base_language_with_the_base_tokenizer_itself(tiny_project, tmp_path, capsys):
+    """N = B (a new speaker, no new rows but row B): the default init once crashed hashing a stride-0 tensor."""
+    import random as stdlib_random
+
+    from flows.cli import main as fidel
+    from trainer.synthetic import ENGLISH_WORDS, sentences, write_pairs
+    from trainer.tokenizer import load_tokenizer
+
+    p = tiny_project
+    sp = load_tokenizer(p.base_tokenizer)
+    english = [s.upper() for s in sentences(ENGLISH_WORDS, 24, stdlib_random.Random(1), ".")]
+    cfg = p.cfg.with_text_tokens(sp.get_piece_size())
+    speakers = ["spk0", "spk1"]
+    train_manifest = write_pairs(p.root / "en", "train", english[:18], speakers, sp, cfg, 1)
+    val_manifest = write_pairs(p.root / "en", "val", english[18:], speakers, sp, cfg, 2)
+    out = tmp_path / "run"
+    assert fidel(["train", "--train-manifest", str(train_manifest), "--val-manifest", str(val_manifest),
+                  "--tokenizer", str(p.base_tokenizer), "--config", str(p.base_config),
+                  "--base-checkpoint", str(p.base_checkpoint), "--output-dir", str(out), "--max-steps", "2",
+                  "--save-interval", "2", "--val-interval", "2", "--batch-size", "4"]) == 0
+    assert "stride" not in capsys.readouterr().err
+    assert list(out.glob("ckpt-step*.pt"))
+
+
+def test_hashes_and_byte_comparisons_take_expanded_tensors():
+    from trainer.weights import tensor_sha256
+
+    expanded = torch.tensor(0.5).expand(1).clone()  # size-1 dim, stride 0: "contiguous", yet no byte view
+    assert expanded.stride() == (0,)
+    assert tensor_sha256(expanded) == tensor_sha256(torch.tensor([0.5]))
+    assert same_bytes(expanded, torch.tensor([0.5]))

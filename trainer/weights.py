@@ -309,11 +309,20 @@ def load_base_checkpoint(path: str | Path, cfg: GPTConfig, gpt: dict | None = No
 
 # ----------------------------------------------------------------------------- hashes
 
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """t's bytes as a uint8 view. A size-1 dim left with stride 0 (from `expand`) counts as contiguous yet cannot
+    be viewed as bytes: such a tensor is copied first."""
+    t = t.contiguous()
+    if t.dim() and t.stride(-1) != 1:
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t.view(torch.uint8)
+
+
 def tensor_sha256(*tensors: torch.Tensor) -> str:
     digest = hashlib.sha256()
     for t in tensors:
         digest.update(str(tuple(t.shape)).encode())
-        digest.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(as_bytes(t.detach().to("cpu")).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -335,7 +344,7 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit-for-bit equality (torch.equal calls NaN != NaN and -0.0 == 0.0)."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    return torch.equal(as_bytes(a), as_bytes(b))
 
 
 # ----------------------------------------------------------------------------- export
