@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from trainer.checkpoint import (
+    atomic_write_bytes,
     latest_valid_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -93,3 +94,18 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
 
 def test_empty_dir_triages_fresh(tmp_path):
     assert triage_output_dir(tmp_path / "nothing").action == "fresh"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_writes_honour_the_umask(tmp_path, umask):
+    """Checkpoints and exports start as temp files; they end with the mode any file the user writes gets."""
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        atomic_write_bytes(tmp_path / "gpt.pth", lambda h: h.write(b"weights"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "gpt.pth").stat().st_mode) == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["gpt.pth"]

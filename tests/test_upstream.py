@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -189,9 +191,13 @@ def exported(base, tmp_path_factory, make_train_config):
     out = tmp_path_factory.mktemp("upstream_run")
     tc = make_train_config(project, out / "run", base_checkpoint=str(fixture.checkpoint), config=str(fixture.config),
                            max_steps=4, save_interval=4, val_interval=4, learning_rate=1e-3)
-    result = train(tc)
-    assert result.status == "completed", result.reason
-    assert fidel(["export", str(list_checkpoints(out / "run")[0]), "--out", str(out / "export")]) == 0
+    umask = os.umask(0o022)  # the usual one: files readable by all, whoever wrote them
+    try:
+        result = train(tc)
+        assert result.status == "completed", result.reason
+        assert fidel(["export", str(list_checkpoints(out / "run")[0]), "--out", str(out / "export")]) == 0
+    finally:
+        os.umask(umask)
     return tc, out / "export"
 
 
@@ -220,6 +226,10 @@ def test_the_export_loads_strictly_into_upstream_with_base_rows_and_untrained_te
     moved = [k for k in base_state if is_training_path_key(k) and k not in SPLIT_KEYS
              and not torch.equal(loaded[k], base_state[k])]
     assert "gpt.h.0.attn.c_attn.weight" in moved  # a trained export, not the base again
+    checkpoints = list(Path(tc.output_dir).glob("ckpt-step*"))
+    written = [*export.iterdir(), *checkpoints]
+    assert checkpoints and len(written) > len(checkpoints)
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in written} == {f.name: 0o644 for f in written}
     print(f"\n[upstream] export: load_checkpoint strict OK, {len(base_state)} keys; base rows 0..{b - 1} of "
           f"{len(SPLIT_KEYS)} text tensors and {len(untrained)} untrained tensors bit-identical; "
           f"{len(moved)} trained tensors moved")

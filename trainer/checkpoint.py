@@ -13,7 +13,7 @@ import os
 import random
 import re
 import shutil
-import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,13 +58,24 @@ def disk_problem(folder: Path, exc: BaseException) -> str | None:
     return None
 
 
+def create_temp(path: Path) -> tuple[int, str]:
+    """A new hidden temp file beside path (.NAME.XXXXXXXX.tmp), opened for writing. Created with mode 0666 so the
+    umask applies, as to any other file the user writes: mkstemp's 0600 would survive the rename."""
+    while True:
+        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), str(tmp)
+        except FileExistsError:
+            continue
+
+
 def atomic_write_bytes(path: Path, write) -> None:
     """Write through a temp file in the same folder, fsync, rename, fsync the folder. A disk that refuses the
     write (full, read-only) is a FidelError saying so; the temp file goes, whatever was there stays."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = create_temp(path)
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
