@@ -1,4 +1,4 @@
-"""`fidel data check`, `fidel data build` and `fidel data pair`.
+"""`fidel data check`, `fidel data build`, `fidel data pair` and `fidel prepare`.
 
 flows/cli.py calls add_commands(sub) with the object returned by ArgumentParser().add_subparsers().
 Exit codes: 0 passed, 1 the checks found a fatal problem, 2 a bad input (one line naming the file).
@@ -81,6 +81,81 @@ def run_pair(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_prepare(args: argparse.Namespace) -> int:
+    import os
+
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from flows.cli import without_option
+        from trainer.distributed import launch_torchrun
+
+        return launch_torchrun(args.nproc, without_option(args.argv, "--nproc"))
+    from dataclasses import fields
+
+    from trainer.prepare import PrepareSettings, prepare
+    from trainer.train import EXIT_PREEMPTED
+
+    settings = PrepareSettings(**{f.name: getattr(args, f.name) for f in fields(PrepareSettings)})
+    checks = settings_of(args)  # cond_dtype included
+    started, shown = time.monotonic(), [0.0]
+
+    def progress(done: int, todo: int) -> None:
+        now = time.monotonic()
+        if now - shown[0] >= 10 or done == todo:
+            shown[0] = now
+            print(f"features: {done}/{todo} clips, {done / max(now - started, 1e-9):.2f} clips/s", flush=True)
+
+    result = prepare(splits_of(args), args.tokenizer, args.config, args.out, settings, checks, progress)
+    if result.status == "preempted":
+        print(f"preempted after {result.clips} clips: finished shards are kept; run the same command to continue")
+        return EXIT_PREEMPTED
+    if result.status == "shards_done":
+        return 0
+    if result.reused:
+        print(f"already prepared from these inputs: {args.out / 'dataset.json'} (content "
+              f"{result.info['content_sha256'][:16]})")
+        return 0
+    for d in result.dropped[:args.show]:
+        print(f"  {d['where']}: utterance {d['id']}: {d['check']}: {d['detail']} [dropped before features]")
+    if len(result.dropped) > args.show:
+        print(f"  … {len(result.dropped) - args.show} more dropped utterances (dataset.json: prepare.dropped_by_check)")
+    from trainer.datacheck import write_report_files
+
+    written = write_report_files(result.report, args.out / "report")
+    print_report(result.report, args.out / "report", written, args.show)
+    if result.info is None:
+        print(f"FAILED: nothing built ({time.monotonic() - started:.1f} s)")
+        return 1
+    print(f"PREPARED in {time.monotonic() - started:.1f} s: {result.clips} clips through the models, "
+          f"{len(result.dropped)} dropped before features; content sha256 {result.info['content_sha256']}")
+    return 0
+
+
+def add_prepare_command(subparsers) -> None:
+    from dataclasses import MISSING, fields
+
+    from trainer.prepare import PrepareSettings
+
+    p = subparsers.add_parser("prepare", help="audio + transcripts → features → the paired Parquet dataset training "
+                                              "reads (upstream's w2v-BERT, codec and conditioning)")
+    p.add_argument("--train", nargs="+", action="extend", required=True, metavar="MANIFEST[::lang]",
+                   help="utterance manifest(s), JSONL or CSV with id, text, audio, speaker (language)")
+    p.add_argument("--val", nargs="+", action="extend", default=[], metavar="MANIFEST[::lang]")
+    p.add_argument("--tokenizer", type=Path, required=True, help="the verified (extended) sentencepiece model")
+    p.add_argument("--config", type=Path, required=True, help="IndexTTS2 config.yaml that training uses")
+    p.add_argument("--out", type=Path, required=True, help="dataset folder: train.parquet, val.parquet, dataset.json, "
+                                                           "shards/ (resumable), report/")
+    for f in fields(PrepareSettings):
+        required = f.default is MISSING
+        p.add_argument("--" + f.name.replace("_", "-"), required=required, help=f.metadata["help"],
+                       type=str if required else type(f.default), default=None if required else f.default)
+    p.add_argument("--nproc", type=int, default=1, help="processes (one per GPU) via torchrun, sharded by id")
+    p.add_argument("--max-bad-rows", type=float, default=0.05, help="fraction of dropped rows that is still fine")
+    p.add_argument("--min-script-share", type=float, default=0.5,
+                   help="share of Ethiopic letters a target-language text needs (negative: no script check)")
+    p.add_argument("--show", type=int, default=20, help="row-level findings to print")
+    p.set_defaults(func=run_prepare)
+
+
 def add_check_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train", nargs="+", action="extend", required=True, metavar="MANIFEST[::lang]",
                    help="paired JSONL manifest(s) of the training split; `::am` sets the language of its rows")
@@ -118,3 +193,5 @@ def add_commands(subparsers) -> None:
     pair.add_argument("--pairs-per-target", type=int, default=2)
     pair.add_argument("--seed", type=int, default=0)
     pair.set_defaults(func=run_pair)
+
+    add_prepare_command(subparsers)

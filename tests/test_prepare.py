@@ -1,0 +1,162 @@
+"""fidel prepare: upstream's feature math, batched = one at a time, codes trimmed to each clip, resumable."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from trainer.datacheck import CheckSettings
+from trainer.features import SAMPLE_RATE, FeatureModels, clip_features, read_audio, write_tiny_models
+from trainer.prepare import PrepareSettings, prepare
+
+DURATIONS = (0.7, 1.3, 0.9, 1.1, 0.75, 1.25)  # two speakers, three clips each
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Random-weight w2v-BERT (17 layers, width 1024), RepCodec and UnifiedVoice, saved like the real ones."""
+    paths = write_tiny_models(tmp_path_factory.mktemp("models"), model_dim=32, codebook=64)
+    return paths, FeatureModels.load(paths, torch.device("cpu"))
+
+
+def voiced(seconds: float, seed: int) -> np.ndarray:
+    """A speech-like test signal: a few harmonics with a wandering pitch, and a little noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    pitch = 110 + 40 * seed % 90 + 20 * np.sin(2 * np.pi * 1.5 * t)
+    phase = 2 * np.pi * np.cumsum(pitch) / SAMPLE_RATE
+    wave = sum(np.sin(k * phase) / k for k in range(1, 6)) * 0.2 + rng.normal(0, 0.01, len(t))
+    return wave.astype(np.float32)
+
+
+def write_corpus(folder, name: str, clips: list[tuple[str, str, float, str]], seed: int = 0):
+    """A JSONL manifest of (id, text, seconds, speaker) clips, written as 16 kHz wavs beside it."""
+    rows = []
+    for i, (uid, text, seconds, speaker) in enumerate(clips):
+        path = folder / "wav" / f"{uid}.wav"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(path, voiced(seconds, seed + i), SAMPLE_RATE, subtype="FLOAT")
+        rows.append({"id": uid, "text": text, "audio": f"wav/{uid}.wav", "speaker": speaker, "language": "am"})
+    manifest = folder / f"{name}.jsonl"
+    manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return manifest, rows
+
+
+def test_features_equal_what_indextts2_inference_computes(tiny_models, tmp_path):
+    """Upstream's own path for a prompt clip: IndexTTS2._get_emotion_conditioning (librosa load, extractor,
+    get_emb), semantic_codec.quantize, merge_emovec and inference_speech's conditioning latent."""
+    from indextts.infer_v2 import IndexTTS2
+
+    paths, models = tiny_models
+    wav = tmp_path / "prompt.wav"
+    sf.write(wav, voiced(1.1, 3), SAMPLE_RATE, subtype="FLOAT")
+    tts = object.__new__(IndexTTS2)  # the real class, its models swapped for the tiny ones
+    tts.extract_features, tts.semantic_model, tts.semantic_codec = models.extractor, models.w2v, models.codec
+    tts.semantic_mean, tts.semantic_std, tts.gpt, tts.device = models.mean, models.std, models.gpt, "cpu"
+    tts.cache_emo_cond = tts.cache_emo_audio_prompt = None
+    with torch.no_grad():
+        emb = tts._get_emotion_conditioning(str(wav))
+        _, upstream_codes = tts.semantic_codec.quantize(emb)[::-1]
+        lengths = torch.tensor([emb.shape[-1]])  # upstream passes the feature width here; any length ≥ T masks nothing
+        upstream_emo = tts.gpt.merge_emovec(emb, emb, lengths, lengths, alpha=1.0)
+        tts.gpt.post_init_gpt2_config(kv_cache=True)
+        _, upstream_condition = tts.gpt.inference_speech(emb, torch.tensor([[5, 6, 7]]), emb, cond_lengths=lengths,
+                                                         emo_cond_lengths=lengths, emo_vec=upstream_emo,
+                                                         do_sample=False, max_generate_length=2)
+    wave, problem = read_audio(wav, PrepareSettings("c", "w", "x").limits)
+    assert problem is None
+    ours = clip_features(models, [wave])[0]
+    assert np.array_equal(ours.codes, upstream_codes[0].numpy())
+    np.testing.assert_allclose(ours.condition, upstream_condition[0].numpy(), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(ours.emo_vec, upstream_emo[0].numpy(), atol=1e-5, rtol=1e-5)
+    assert ours.condition.shape == (32, 32) and ours.emo_vec.shape == (32,)
+
+
+def test_batched_equals_one_at_a_time_and_each_clip_keeps_its_own_codes(tiny_models):
+    _, models = tiny_models
+    waves = [voiced(s, i) for i, s in enumerate((0.6, 1.9, 1.0, 0.61))]
+    batched = clip_features(models, waves)
+    for wave, clip in zip(waves, batched, strict=True):
+        alone = clip_features(models, [wave])[0]
+        assert np.array_equal(clip.codes, alone.codes)
+        np.testing.assert_allclose(clip.condition, alone.condition, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(clip.emo_vec, alone.emo_vec, atol=1e-5, rtol=1e-5)
+        assert abs(len(clip.codes) - len(wave) / SAMPLE_RATE * 50) <= 1  # not the batch's longest length
+    assert len(batched[0].codes) < len(batched[1].codes) / 3
+
+
+def test_audio_is_read_downmixed_resampled_and_checked(tmp_path):
+    import torchaudio
+
+    limits = PrepareSettings("c", "w", "x", min_seconds=0.5, max_seconds=3.0).limits
+    stereo = np.stack([voiced(1.0, 1), voiced(1.0, 2)], axis=1)
+    sf.write(tmp_path / "stereo.wav", stereo, 22050, subtype="FLOAT")
+    wave, problem = read_audio(tmp_path / "stereo.wav", limits)
+    expected = torchaudio.functional.resample(torch.from_numpy(stereo.mean(axis=1)), 22050, SAMPLE_RATE)
+    assert problem is None and np.array_equal(wave, expected.numpy())
+    cases = {"short": (voiced(0.2, 1), "duration"), "long": (voiced(3.5, 1), "duration"),
+             "silent": (np.zeros(SAMPLE_RATE, np.float32), "silent"),
+             "clipped": (np.clip(voiced(1.0, 1) * 20, -1, 1), "clipped")}
+    for name, (samples, check) in cases.items():
+        sf.write(tmp_path / f"{name}.wav", samples, SAMPLE_RATE, subtype="FLOAT")
+        assert read_audio(tmp_path / f"{name}.wav", limits)[1][0] == check, name
+    (tmp_path / "broken.wav").write_bytes(b"RIFF nonsense")
+    assert read_audio(tmp_path / "broken.wav", limits)[1][0] == "unreadable_audio"
+    assert read_audio(tmp_path / "absent.wav", limits)[1][0] == "missing_audio"
+
+
+def prepare_args(tiny_project, tiny_models, corpus, out, **settings):
+    paths = tiny_models[0]
+    splits = {"train": [str(corpus["train"])], "val": [str(corpus["val"])]}
+    return (splits, tiny_project.tokenizer, tiny_project.base_config, out,
+            PrepareSettings(str(paths.checkpoint_dir), str(paths.w2v_bert), str(paths.codec), **settings),
+            CheckSettings(max_bad_rows=0.2))
+
+
+@pytest.fixture
+def corpus(tiny_project, tmp_path):
+    """Train: two speakers, three clips each, and a row whose audio is missing; val: two speakers, two each."""
+    texts = tiny_project.am_texts
+    train = [(f"u{i:02d}", texts[i], DURATIONS[i], f"s{i % 2}") for i in range(6)]
+    val = [(f"v{i}", texts[6 + i], 0.8 + 0.1 * i, f"s{i % 2}") for i in range(4)]
+    folder = tmp_path / "corpus"
+    train_manifest, rows = write_corpus(folder, "train", train)
+    with open(train_manifest, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({**rows[0], "id": "u90", "audio": "wav/missing.wav"}, ensure_ascii=False) + "\n")
+    return {"train": train_manifest, "val": write_corpus(folder, "val", val, seed=10)[0]}
+
+
+def test_sigterm_stops_after_the_batch_and_the_same_command_finishes_the_same_dataset(tiny_project, tiny_models,
+                                                                                     corpus, tmp_path):
+    from trainer.parquet_data import ParquetPairs
+
+    whole = prepare(*prepare_args(tiny_project, tiny_models, corpus, tmp_path / "whole", batch_size=2, shard_size=3))
+    assert whole.status == "completed", [f.text() for f in whole.report.findings]
+    assert [d["check"] for d in whole.dropped] == ["missing_audio"]
+    calls = []
+
+    def sigterm_after_first_batch(done, todo):
+        calls.append(done)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    args = prepare_args(tiny_project, tiny_models, corpus, tmp_path / "cut", batch_size=2, shard_size=3)
+    first = prepare(*args, on_batch=sigterm_after_first_batch)
+    assert first.status == "preempted" and first.clips == 2  # the batch finished, nothing after it
+    assert list((tmp_path / "cut" / "shards").glob("*.partial.arrow"))
+    assert not (tmp_path / "cut" / "dataset.json").exists()
+    second = prepare(*args)
+    assert second.status == "completed" and second.clips == 10 - 2  # the interrupted run kept its first batch
+    assert second.info["content_sha256"] == whole.info["content_sha256"]
+    assert prepare(*args).reused
+    train = ParquetPairs([second.info["splits"]["train"]["path"]], tiny_project.tokenizer)
+    assert len(train) == 6 * 2 and set(train.column("speaker")) == {"s0", "s1"}
+    prompts = dict(zip(train.column("pair_id"), train.column("prompt_id"), strict=True))
+    assert all(pid.split("__")[1] == prompt and int(pid[1:3]) % 2 == int(prompt[1:]) % 2
+               for pid, prompt in prompts.items())
