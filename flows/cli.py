@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Prefect's temporary server waits 20 s by default; a busy 2-core machine needs longer (it starts in ~5-60 s)
+STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+os.environ.setdefault(STARTUP_TIMEOUT, "180")
 
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 # `fidel triage` when no candidate is usable: 3 refused (incompatible: vocabulary, config, lineage), 4 quarantined
@@ -44,6 +47,8 @@ def without_option(argv: list[str], name: str) -> list[str]:
 
 
 def cmd_train(args) -> int:
+    from tasks.lock import AlreadyRunning, OutputDirLock
+    from trainer.errors import FidelError
     from trainer.options import LaunchOptions, from_args
     from trainer.train import EXIT_PREEMPTED, TrainConfig, TrainHooks, train
 
@@ -62,11 +67,25 @@ def cmd_train(args) -> int:
             if any(k.startswith("val_") for k in metrics):
                 print(f"validation at step {step}: {line(metrics)}", flush=True)
 
+    lock = OutputDirLock(tc.output_dir)
+
+    def claim(out: Path) -> None:
+        try:
+            lock.acquire()
+        except AlreadyRunning as busy:
+            who = busy.holder.describe() if busy.holder else "holder unknown"
+            raise FidelError(out, f"in use by another fidel ({who}): wait for it, or choose another --output-dir") \
+                from None
+
     hooks = TrainHooks(
+        on_claim=claim,
         on_progress=lambda step, total, metrics: print(f"step {step}/{total}: {line(metrics)}", flush=True),
         on_commit=show_validation,
         on_checkpoint=lambda path, sidecar: print(f"saved {path} (step {sidecar['step']})", flush=True))
-    result = train(tc, hooks)
+    try:
+        result = train(tc, hooks)
+    finally:
+        lock.release()
     if os.environ.get("RANK", "0") != "0":
         return 0 if result.status == "completed" else EXIT_PREEMPTED if result.status == "preempted" else EXIT_FAILED
     print(f"{result.status} at step {result.step}/{result.total_steps}; checkpoint {result.checkpoint}"
@@ -76,10 +95,51 @@ def cmd_train(args) -> int:
     return 0 if result.status == "completed" else EXIT_FAILED
 
 
+def prefect_log_to(log_file: Path) -> None:
+    """Prefect's records, tracebacks included, go to log_file; the terminal keeps one line per record, without
+    traceback or the temporary server's start and stop notes, so fidel's own line stays the last one."""
+    import logging
+
+    from prefect.logging.configuration import setup_logging
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    setup_logging()  # Prefect's console handler first: with another handler on the root, Prefect adds none
+
+    class WithoutTraceback(logging.Formatter):
+        def __init__(self, inner: logging.Formatter | None):
+            super().__init__()
+            self.inner = inner or logging.Formatter()
+
+        def format(self, record):
+            saved = record.exc_info, record.exc_text, record.stack_info
+            record.exc_info = record.exc_text = record.stack_info = None
+            try:
+                return self.inner.format(record)
+            finally:
+                record.exc_info, record.exc_text, record.stack_info = saved
+
+    def not_server_note(record) -> bool:
+        return not (record.name == "prefect" and "temporary server" in str(record.msg))
+
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(log_file, encoding="utf-8")
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if isinstance(handler, PrefectConsoleHandler):
+            handler.setFormatter(WithoutTraceback(handler.formatter))
+            handler.addFilter(not_server_note)
+    root.addHandler(to_file)
+
+
 def cmd_run(args) -> int:
     from tasks.spec import load_run_spec
+    from trainer.train import check_output_dir
 
-    load_run_spec(args.config)  # every setting checked before Prefect, MLflow or any stage starts
+    spec = load_run_spec(args.config)  # every setting and input checked before Prefect, MLflow or any stage starts
+    spec.check_inputs()
+    check_output_dir(Path(spec.output_dir))
+    prefect_log_to(Path(spec.output_dir) / "logs" / "prefect.log")
     from flows.finetune import finetune
 
     summary = finetune(run_config=args.config, show_progress=not args.no_progress)
@@ -191,7 +251,33 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, StageFailed):
             print(f"failed: {exc}", file=sys.stderr)
             return EXIT_FAILED
-        raise
+        if "Timed out while attempting to connect to ephemeral Prefect API server" in str(exc):
+            print(f"error: Prefect's temporary server did not start within {os.environ[STARTUP_TIMEOUT]} s: raise "
+                  f"{STARTUP_TIMEOUT}, or set PREFECT_API_URL to a running server", file=sys.stderr)
+            return EXIT_FAILED
+        return unexpected(exc)
+
+
+def unexpected(exc: BaseException) -> int:
+    """A disk that refuses a write is the user's to fix (exit 2); anything else is fidel's fault (exit 1). Either
+    way one line: the traceback goes to a file that the line names."""
+    import tempfile
+    import traceback
+
+    from trainer.checkpoint import disk_problem
+
+    folder = Path(getattr(exc, "filename", None) or ".").parent
+    problem = disk_problem(folder, exc) if isinstance(exc, OSError) else None
+    if problem:
+        print(f"error: {getattr(exc, 'filename', None) or folder}: {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    fd, path = tempfile.mkstemp(prefix="fidel-traceback-", suffix=".txt")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        traceback.print_exception(exc, file=handle)
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    print(f"error: unexpected {type(exc).__name__}: {first} (traceback in {path})", file=sys.stderr)
+    return EXIT_FAILED
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -110,15 +110,14 @@ def base_model_step(root: Path, corpus: DemoCorpus, base_tok: Path, manifests: d
 
 
 def progress_printer(label: str):
-    from tqdm import tqdm
+    from trainer.progress import Progress
 
     bar = {}
 
     def show(step: int, total: int, metrics: dict) -> None:
         if "bar" not in bar:
-            bar["bar"] = tqdm(total=total, initial=step, desc=label, unit="step", file=sys.stdout)
-        bar["bar"].update(step - bar["bar"].n)
-        bar["bar"].set_postfix(text=f"{metrics['train_text_loss']:.2f}", mel=f"{metrics['train_mel_loss']:.2f}")
+            bar["bar"] = Progress(label, total, initial=step, stream=sys.stdout)
+        bar["bar"].update(step, metrics)
         if step >= total:
             bar["bar"].close()
 

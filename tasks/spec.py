@@ -9,6 +9,9 @@ import yaml
 
 from trainer.errors import FidelError
 from trainer.options import TrainConfig, check, from_mapping, option, same_as, section
+from trainer.prepare import PREPARE_PATHS, PrepareSettings
+
+INPUTS = ("tokenizer", "base_tokenizer", "config", "base_checkpoint")
 
 
 @dataclass
@@ -33,6 +36,8 @@ class RunSpec:
     run_name: str | None = option(None, help="the MLflow run's name", flag=None)
     enforce_inference_smoke: bool = option(False, help="the inference-smoke gate fails the run instead of only "
                                                        "reporting", flag=None)
+    prepare: dict = section(PrepareSettings, help="PrepareSettings (the prepare.* keys): features from audio as "
+                                                  "the first stage; the manifests then list id, text, audio, speaker")
 
     def __post_init__(self):
         check(self)
@@ -45,6 +50,20 @@ class RunSpec:
                            output_dir=self.output_dir, base_checkpoint=self.base_checkpoint, resume=self.resume,
                            base_tokenizer=self.base_tokenizer,
                            mlflow_run_id=mlflow_run_id, **self.train)
+
+    def check_inputs(self) -> None:
+        """Every input file there and readable, before any stage starts."""
+        from trainer.data import split_manifest_spec
+
+        manifests = [(name, split_manifest_spec(m)[0]) for name in ("train_manifests", "val_manifests")
+                     for m in getattr(self, name)]
+        for key, path in [*((k, Path(getattr(self, k))) for k in INPUTS), *manifests]:
+            if not path.is_file():
+                raise FidelError(path, f"{key}: {'not a file' if path.exists() else 'not found'}")
+            try:
+                path.open("rb").close()
+            except OSError as exc:
+                raise FidelError(path, f"{key}: not readable ({exc.strerror})") from None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,6 +97,12 @@ def run_spec_from_dict(raw: dict, path: Path | None = None) -> RunSpec:
         setattr(spec, name, [resolve(v) for v in getattr(spec, name)])
     for name in ("tokenizer", "base_tokenizer", "config", "base_checkpoint", "output_dir"):
         setattr(spec, name, resolve(getattr(spec, name)))
+    if spec.prepare:
+        spec.prepare.update({k: resolve(spec.prepare[k]) for k in PREPARE_PATHS})
+        try:
+            PrepareSettings(**spec.prepare)  # rules across settings
+        except FidelError as exc:
+            raise FidelError(path, f"prepare: {exc.problem}") from None
     try:
         spec.train_config()  # rules across settings (TrainConfig's own check)
     except FidelError as exc:

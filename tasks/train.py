@@ -8,11 +8,11 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
-from tqdm import tqdm
 
 from tasks.report import StageFailed, logger, publish_loss_curves
 from tasks.spec import RunSpec
 from tasks.tracking import MetricLog, Tracker
+from trainer.progress import Progress
 from trainer.train import TrainHooks, TrainResult, train
 
 
@@ -44,14 +44,12 @@ def progress_hooks(tracker: Tracker | None, show_progress: bool, progress_artifa
             artifact["id"] = create_progress_artifact(100.0 * start / max(1, info["total_steps"]),
                                                       key="fidel-training-progress",
                                                       description=f"training: step {start}/{info['total_steps']}")
-        if show_progress:
-            bar_holder.append(tqdm(total=info["total_steps"], initial=start, desc="training", unit="step"))
+        if show_progress:  # a bar on a terminal, plain lines in a log
+            bar_holder.append(Progress("training", info["total_steps"], initial=start))
 
     def on_progress(step: int, total: int, metrics: dict) -> None:
         if bar_holder:
-            bar = bar_holder[0]
-            bar.update(step - bar.n)
-            bar.set_postfix(text=f"{metrics['train_text_loss']:.3f}", mel=f"{metrics['train_mel_loss']:.3f}")
+            bar_holder[0].update(step, metrics)
         # a call to the Prefect API per log interval would cost the loop its latency: at most one per interval
         if artifact.get("id") and (step >= total or time.monotonic() - artifact["updated"] >= PROGRESS_UPDATE_S):
             artifact["updated"] = time.monotonic()

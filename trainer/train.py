@@ -54,6 +54,8 @@ FROZEN_BUFFERS = ("text_embedding.base", "text_head.base_weight", "text_head.bas
 class TrainHooks:
     """Callbacks for the layer above (Prefect/MLflow); trainer/ itself logs nowhere. Only rank 0 calls them."""
 
+    # after every check and before anything is written: the layer above takes the output dir (fidel train: a lock)
+    on_claim: Callable[[Path], None] = lambda output_dir: None
     on_start: Callable[[dict], None] = lambda info: None
     # metrics are committed together with the checkpoint that contains them, so a resume never logs a step twice
     on_commit: Callable[[list[tuple[int, dict]]], None] = lambda rows: None
@@ -422,6 +424,7 @@ def train(tc: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     setup = build_model(tc)
     check_free_space(out, setup.model)
     if env.main:
+        hooks.on_claim(out)
         remove_stale_temp_files(out)
     model = setup.model.to(device)
     if model_base_rows_hash(model) != setup.base_hash:
