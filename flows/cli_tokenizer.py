@@ -1,4 +1,4 @@
-"""`fidel tokenizer extend` and `fidel tokenizer verify`.
+"""`fidel tokenizer extend`, `fidel tokenizer verify` and `fidel text normalize`.
 
 flows/cli.py calls add_commands(sub) with the object returned by ArgumentParser().add_subparsers().
 Each command returns an exit code: 0 all passed, 1 a verification line failed, 2 a bad input.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from trainer.errors import FidelError
@@ -71,7 +72,24 @@ def run_verify(args: argparse.Namespace) -> int:
     return print_report(report, args.json)
 
 
+def run_normalize(args: argparse.Namespace) -> int:
+    """The text as training encodes it: one normalised line per line of stdin, or for the joined arguments."""
+    from trainer.text import normalize_text
+
+    lines = [" ".join(args.text)] if args.text else sys.stdin.read().splitlines()
+    for line in lines:
+        print(normalize_text(line))
+    return 0
+
+
 def add_commands(subparsers) -> None:
+    text = subparsers.add_parser("text", help="text as fidel's tokenizer and training see it")
+    text_commands = text.add_subparsers(dest="text_command", required=True)
+    normalize = text_commands.add_parser(
+        "normalize", help="print fidel-normalised text (numerals spelled out, Ge'ez punctuation mapped, upper case)")
+    normalize.add_argument("text", nargs="*", help="the text (joined by spaces); without it, each line of stdin")
+    normalize.set_defaults(func=run_normalize)
+
     tokenizer = subparsers.add_parser("tokenizer", help="extend the base tokenizer to a new script, or verify one")
     commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True)
 

@@ -82,3 +82,75 @@ def test_script_share():
     assert script_share("123 ., ?") == 0.0  # no letters at all
     assert script_share("ⶀ ꬁ") == 1.0  # Ethiopic Extended and Extended-A count too
     assert ETHIOPIC_RANGES[0] == (0x1200, 0x139F)
+
+
+def test_fidel_text_normalize_prints_the_training_text_for_arguments_or_stdin(capsys, monkeypatch):
+    import io
+
+    from flows.cli import main as fidel
+
+    assert fidel(["text", "normalize", "ሰላም", "ነው።", "፲፱፻፹፭"]) == 0
+    assert capsys.readouterr().out == "ሰላም ነው. አንድ ሺህ ዘጠኝ መቶ ሰማንያ አምስት\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO("12 ሰዎች፣ መጡ፤\nእሱ 3.5 ኪሎ ገዛ፧\n"))
+    assert fidel(["text", "normalize"]) == 0
+    assert capsys.readouterr().out == "አስራ ሁለት ሰዎች, መጡ,\nእሱ ሶስት ነጥብ አምስት ኪሎ ገዛ?\n"
+
+
+@pytest.fixture(scope="module")
+def amharic_sample():
+    """Sentences as the demo corpus writes them (Ge'ez punctuation, Ethiopic and ASCII numerals), from the in-repo
+    word list; every one with a numeral, most with ፣ or ፤ as well."""
+    import random
+
+    from trainer.demo_corpus import _amharic_sentence
+    from trainer.synthetic import AMHARIC_WORDS
+
+    rng = random.Random(0)
+    out = []
+    while len(out) < 200:
+        sentence = _amharic_sentence(AMHARIC_WORDS, rng)
+        if any(ch.isdigit() or "\u1369" <= ch <= "\u137c" for ch in sentence):
+            out.append(sentence)
+    return out
+
+
+@pytest.mark.slow  # upstream's TextNormalizer compiles its NeMo grammars: ~8 s from its cache, ~40 s the first time
+def test_fidel_normalisation_through_upstreams_front_end_gives_the_training_ids(amharic_sample, tmp_path):
+    pytest.importorskip("indextts.utils.front")
+    import random
+
+    from indextts.utils.front import TextNormalizer, TextTokenizer
+
+    from trainer.demo_corpus import _english_sentence
+    from trainer.synthetic import ENGLISH_WORDS
+    from trainer.text import FidelTextTokenizer
+    from trainer.tokenizer import encode, extend_tokenizer, load_tokenizer, train_base_tokenizer
+
+    # a base that knows , . ? ! as the official one does, extended on the sample: no <unk> in the training ids
+    rng = random.Random(1)
+    english = [_english_sentence(tuple(ENGLISH_WORDS), rng) for _ in range(300)]
+    base = train_base_tokenizer(english, tmp_path / "base.model", vocab_size=100)
+    path = tmp_path / "bpe.model"
+    extend_tokenizer(base, amharic_sample, path, load_tokenizer(base).get_piece_size() + 140)
+    sp = load_tokenizer(path)
+    training = [encode(sp, s) for s in amharic_sample]
+    upstream_normalizer = TextNormalizer(enable_glossary=True)  # as infer_v2 builds it
+    raw = TextTokenizer(str(path), upstream_normalizer)  # IndexTTS2's own front end
+    fronts = {
+        "upstream front end alone": raw,
+        "FidelTextTokenizer": FidelTextTokenizer(path),
+        "FidelTextTokenizer + upstream TextNormalizer": FidelTextTokenizer(path, upstream_normalizer),
+    }
+    mismatches = {name: sum(front.encode(s) != ids for s, ids in zip(amharic_sample, training, strict=True))
+                  for name, front in fronts.items()}
+    marks = sum(any(m in s for m in "።፣፤፧") for s in amharic_sample)
+    unknown = sum(ids.count(sp.unk_id()) for ids in training)
+    print(f"\n[front end] {len(amharic_sample)} Amharic sentences, all with numerals, {marks} with Ge'ez marks, "
+          f"{unknown} <unk> in the training ids; "
+          "sentences whose ids differ from training: " + ", ".join(f"{k} {v}" for k, v in mismatches.items()))
+    assert unknown == 0 and mismatches["FidelTextTokenizer"] == 0
+    assert mismatches["FidelTextTokenizer + upstream TextNormalizer"] == 0
+    assert mismatches["upstream front end alone"] > 0
+    fidel_tokens = fronts["FidelTextTokenizer"]
+    assert fidel_tokens.tokenize(amharic_sample[0]) == sp.encode(normalize_text(amharic_sample[0]), out_type=str)
+    assert fidel_tokens.unk_token_id == sp.unk_id()  # the rest is upstream's

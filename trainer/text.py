@@ -116,3 +116,39 @@ def script_share(text: str, script: str = "ethiopic") -> float:
     if not total:
         return 0.0
     return sum(n for ch, n in letters.items() if in_ranges(ch, ranges)) / total
+
+
+class FidelTextTokenizer:
+    """IndexTTS2's TextTokenizer with fidel's normalize_text in front, so inference gets the ids training used.
+
+    Upstream's own front end (TextNormalizer + TextTokenizer) turns `።` into `<unk>`, leaves Ethiopic numerals as
+    they are and reads "12" as Chinese. Put this one in its place after loading IndexTTS2:
+
+        from indextts.infer_v2 import IndexTTS2
+        from trainer.text import FidelTextTokenizer
+
+        tts = IndexTTS2(cfg_path="export/config.yaml", model_dir="export")
+        tts.tokenizer = FidelTextTokenizer(tts.bpe_path)
+
+    tokenize/encode/batch_encode normalise first; everything else (split_segments, convert_tokens_to_ids,
+    unk_token_id, ...) is upstream's. normalizer: an upstream TextNormalizer to run after fidel's (what infer_v2
+    would run); None, the default, gives exactly the training encoding. Needs `indextts2-inference` (imported
+    here only when constructed).
+    """
+
+    def __init__(self, bpe_path, normalizer=None):
+        from indextts.utils.front import TextTokenizer
+
+        self.upstream = TextTokenizer(str(bpe_path), normalizer)
+
+    def encode(self, text: str, **kwargs):
+        return self.upstream.encode(normalize_text(text), **kwargs)
+
+    def tokenize(self, text: str) -> list[str]:
+        return self.encode(text, out_type=str)
+
+    def batch_encode(self, texts: list[str], **kwargs):
+        return self.upstream.batch_encode([normalize_text(t) for t in texts], **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.upstream, name)
