@@ -127,7 +127,7 @@ class FidelTextTokenizer:
         from indextts.infer_v2 import IndexTTS2
         from trainer.text import FidelTextTokenizer
 
-        tts = IndexTTS2(cfg_path="export/config.yaml", model_dir="export")
+        tts = IndexTTS2(model_dir="checkpoints")  # the release folder, fidel's exported three files in place
         tts.tokenizer = FidelTextTokenizer(tts.bpe_path)
 
     tokenize/encode/batch_encode normalise first; everything else (split_segments, convert_tokens_to_ids,
