@@ -10,9 +10,10 @@ Two decodes, which differ in where generated codes sit (DECODES):
   mel position k+1, from `get_fixed_embedding(attention_mask.shape[1] - mel_len)`, and always puts speed_emb(1)
   in the duration slot (`inference_speech` takes no target length).
 - "training": code k at mel position k, as training and upstream's no-cache path lay it out. The PyPI port
-  `indextts2-inference` 2.1.1 decodes this way too: under transformers 5 its generate never hands the cache to
-  the model, so every step recomputes the whole sequence. With duration control the duration slot holds
-  speed_emb(0), the "no length given" embedding that the duration dropout trains.
+  `indextts2-inference` 2.1.1 places codes this way too: under transformers 5 its generate never hands the cache
+  to the model, so every step recomputes the whole sequence. With duration control the duration slot holds
+  speed_emb(0) here (upstream's speed_emb(1) otherwise), the "no length given" embedding the duration dropout
+  trains.
 """
 
 from __future__ import annotations
