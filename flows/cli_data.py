@@ -89,12 +89,11 @@ def run_prepare(args: argparse.Namespace) -> int:
         from trainer.distributed import launch_torchrun
 
         return launch_torchrun(args.nproc, without_option(args.argv, "--nproc"))
-    from dataclasses import fields
-
+    from trainer.options import from_args
     from trainer.prepare import PrepareSettings, prepare
     from trainer.train import EXIT_PREEMPTED
 
-    settings = PrepareSettings(**{f.name: getattr(args, f.name) for f in fields(PrepareSettings)})
+    settings = PrepareSettings(**from_args(PrepareSettings, args))
     checks = settings_of(args)  # cond_dtype included
     started, shown = time.monotonic(), [0.0]
 
@@ -131,8 +130,7 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 
 def add_prepare_command(subparsers) -> None:
-    from dataclasses import MISSING, fields
-
+    from trainer.options import add_flags
     from trainer.prepare import PrepareSettings
 
     p = subparsers.add_parser("prepare", help="audio + transcripts → features → the paired Parquet dataset training "
@@ -144,10 +142,7 @@ def add_prepare_command(subparsers) -> None:
     p.add_argument("--config", type=Path, required=True, help="IndexTTS2 config.yaml that training uses")
     p.add_argument("--out", type=Path, required=True, help="dataset folder: train.parquet, val.parquet, dataset.json, "
                                                            "shards/ (resumable), report/")
-    for f in fields(PrepareSettings):
-        required = f.default is MISSING
-        p.add_argument("--" + f.name.replace("_", "-"), required=required, help=f.metadata["help"],
-                       type=str if required else type(f.default), default=None if required else f.default)
+    add_flags(p, PrepareSettings)
     p.add_argument("--nproc", type=int, default=1, help="processes (one per GPU) via torchrun, sharded by id")
     p.add_argument("--max-bad-rows", type=float, default=0.05, help="fraction of dropped rows that is still fine")
     p.add_argument("--min-script-share", type=float, default=0.5,

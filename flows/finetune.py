@@ -1,5 +1,8 @@
 """The fine-tune flow: data checks → tokenizer verification → checkpoint triage → training → gates.
 
+With a `prepare:` section in run.yaml the first stage is `prepare` (tasks/prepare.py): features from audio, then
+the same checks and dataset.
+
 Idempotent, so a scheduled deployment can re-run it at any time (design.md §7):
 - an OS file lock on the output dir: a second run exits Completed at once, "already running (pid, host)";
 - a finished lineage (export present, gates passed) is a no-op;
@@ -21,6 +24,7 @@ from tasks.data import data_checks
 from tasks.gates import GatesFailed, evaluation_gates
 from tasks.lineage import Attempt, CrashLoop, read_finished, record_attempt, started, write_finished
 from tasks.lock import AlreadyRunning, OutputDirLock
+from tasks.prepare import prepared_data
 from tasks.spec import RunSpec, load_run_spec, run_spec_from_dict
 from tasks.stale_runs import claim_and_sweep
 from tasks.tokenizer import tokenizer_verification
@@ -93,7 +97,9 @@ def run_lineage(spec: RunSpec, lock: OutputDirLock, run_id: str | None, show_pro
                       "prefect.deployment": deployment.name or "none", "status": "running"})
     monitor = start_system_metrics(tracker)
     try:
-        data = data_checks(spec, tracker)
+        data = prepared_data(spec, tracker) if spec.prepare else data_checks(spec, tracker)
+        if data.get("status") == "preempted":
+            raise Preempted(f"preempted while preparing features ({data['clips']} clips done), resumable")
         tracker.set_tags({"data.sha256": data["content_sha256"]})  # rows' hash: the .arrow cache never changes it
         tokenizer_verification(spec, data["texts"], tracker)
         decision = checkpoint_triage(spec, tracker)

@@ -14,7 +14,6 @@ from prefect.cache_policies import NO_CACHE
 from tasks.report import StageFailed, logger, publish
 from tasks.spec import RunSpec
 from tasks.tracking import CANDIDATE_ALIAS, Tracker, log_export_once, register_export
-from trainer.data import read_manifests
 from trainer.export import export_model, read_export_record
 from trainer.gates import (
     all_passed,
@@ -25,6 +24,7 @@ from trainer.gates import (
     report_markdown,
     validation_improves,
 )
+from trainer.parquet_data import ParquetPairs
 from trainer.train import TrainResult
 
 
@@ -33,9 +33,16 @@ class GatesFailed(StageFailed):
 
 
 def lineage_language(spec: RunSpec) -> str:
-    """The target language: the commonest one of the train pairs (a `PATH::lang` suffix or the records' field)."""
-    counts = Counter(pair.language for pair in read_manifests(spec.train_manifests) if pair.language)
+    """The target language: the commonest one of the train pairs the data stage kept (a `PATH::lang` suffix or
+    the records' field)."""
+    dataset = ParquetPairs([data_dir_of(spec) / "train.parquet"])
+    counts = Counter(language for language in dataset.column("language") if language)
     return counts.most_common(1)[0][0] if counts else "xx"
+
+
+def data_dir_of(spec: RunSpec) -> Path:
+    """The Parquet dataset the first stage built and training read (also when it was prepared from audio)."""
+    return Path(spec.output_dir) / "data"
 
 
 @task(name="evaluation-gates", cache_policy=NO_CACHE)
@@ -55,7 +62,7 @@ def evaluation_gates(spec: RunSpec, result: TrainResult, tracker: Tracker | None
         validation_improves(start["val_mel_loss"], end["val_mel_loss"], name="validation_improves_mel"),
         validation_improves(start["val_text_loss"], end["val_text_loss"], name="validation_improves_text"),
     ]
-    (learning, smoke), smoke_extra = learning_and_smoke(spec, result)
+    (learning, smoke), smoke_extra = learning_and_smoke(spec, result, str(data_dir_of(spec)))
     results.append(learning)
     # advisory unless the run file sets enforce_inference_smoke: short runs (tests, the demo) don't stop yet
     if spec.enforce_inference_smoke:

@@ -160,3 +160,39 @@ def test_sigterm_stops_after_the_batch_and_the_same_command_finishes_the_same_da
     prompts = dict(zip(train.column("pair_id"), train.column("prompt_id"), strict=True))
     assert all(pid.split("__")[1] == prompt and int(pid[1:3]) % 2 == int(prompt[1:]) % 2
                for pid, prompt in prompts.items())
+
+
+def espeak_corpus(folder, texts: list[str], speakers, per_speaker: int, name: str):
+    """Utterances spoken by espeak-ng as the demo corpus does (trainer/demo_corpus.py)."""
+    from trainer.demo_corpus import synthesize
+
+    rows = []
+    for s, speaker in enumerate(speakers):
+        for j in range(per_speaker):
+            uid = f"{name}_{speaker.name}_{j}"
+            synthesize(texts[s * per_speaker + j], "am", speaker, folder / "wav" / f"{uid}.wav")
+            rows.append({"id": uid, "text": texts[s * per_speaker + j], "audio": f"wav/{uid}.wav",
+                         "speaker": speaker.name, "language": "am"})
+    manifest = folder / f"{name}.jsonl"
+    manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return manifest
+
+
+@pytest.mark.slow
+def test_the_flow_with_a_prepare_section_trains_on_espeak_audio(tiny_project, tiny_models, tmp_path, mlflow_uri):
+    from flows.finetune import finetune
+    from trainer.demo_corpus import SPEAKERS
+
+    paths = tiny_models[0]
+    texts = [t for t in tiny_project.am_texts if len(t.split()) <= 5]
+    train = espeak_corpus(tmp_path / "corpus", texts, SPEAKERS[:2], 4, "train")
+    val = espeak_corpus(tmp_path / "corpus", texts[8:], SPEAKERS[:2], 2, "val")
+    settings = tiny_project.flow_settings(tmp_path / "run", mlflow_uri, max_steps=10)
+    settings.update(train_manifests=[str(train)], val_manifests=[str(val)],
+                    prepare={"checkpoint_dir": str(paths.checkpoint_dir), "w2v_bert": str(paths.w2v_bert),
+                             "codec": str(paths.codec), "batch_size": 4})
+    summary = finetune(settings=settings)
+    assert summary["status"] == "completed" and summary["step"] == 10
+    info = json.loads((tmp_path / "run" / "data" / "dataset.json").read_text())
+    assert info["prepare"]["utterances"] == 12 and info["splits"]["train"]["rows"] == 8 * 2
+    assert (tmp_path / "run" / "reports" / "data.md").is_file()

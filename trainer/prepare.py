@@ -23,7 +23,7 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,73 +49,42 @@ from trainer.datacheck import (
 from trainer.distributed import Dist
 from trainer.errors import FidelError
 from trainer.features import AudioLimits, FeatureModels, ModelPaths, clip_features, read_audio
+from trainer.options import check, device_problem, option
 from trainer.parquet_data import DatasetBuilder, guard_outputs, read_dataset_info, write_dataset
 from trainer.tokenizer import sha256_file
 
 UTTERANCE_FIELDS = ("id", "text", "audio", "speaker")
+PREPARE_PATHS = ("checkpoint_dir", "w2v_bert", "codec")  # resolved against run.yaml's folder
 SHARDS = "shards"
 FEATURES_JSON = "features.json"
 
 
-def setting(name: str) -> str:
-    """How the user spells a setting: run.yaml key and flag."""
-    return f"prepare.{name} (--{name.replace('_', '-')})"
-
-
-@dataclass(frozen=True)
+@dataclass
 class PrepareSettings:
-    """The `prepare:` section of run.yaml and the flags of `fidel prepare` (same names, `-` for `_`)."""
+    """The `prepare:` section of run.yaml and the flags of `fidel prepare`, defined once (trainer/options.py)."""
 
-    checkpoint_dir: str = field(metadata={"help": "the IndexTTS2 checkpoint folder: config.yaml, gpt.pth (its "
-                                                  "conformers and perceivers give the conditioning), "
-                                                  "wav2vec2bert_stats.pt"})
-    w2v_bert: str = field(metadata={"help": "the facebook/w2v-bert-2.0 folder: config.json, preprocessor_config.json, "
-                                            "model.safetensors"})
-    codec: str = field(metadata={"help": "the MaskGCT semantic codec weights (amphion/MaskGCT "
-                                         "semantic_codec/model.safetensors)"})
-    batch_size: int = field(default=16, metadata={"help": "clips per w2v-BERT batch (length-sorted)"})
-    shard_size: int = field(default=256, metadata={"help": "clips per shard: the unit that is recorded done"})
-    min_seconds: float = field(default=0.5, metadata={"help": "shorter clips are dropped"})
-    max_seconds: float = field(default=20.0, metadata={"help": "longer clips are dropped"})
-    silence_dbfs: float = field(default=-60.0, metadata={"help": "clips with an RMS level below this are dropped"})
-    max_clipped: float = field(default=0.001, metadata={"help": "clips with more samples at full scale than this "
-                                                                "share are dropped"})
-    pairs_per_target: int = field(default=2, metadata={"help": "prompts drawn per target, from its speaker"})
-    seed: int = field(default=0, metadata={"help": "seed of the prompt draw"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda (under torchrun: one GPU per rank)"})
-    cond_dtype: str = field(default="float16", metadata={"help": "storage of conditioning and emotion vectors"})
+    checkpoint_dir: str = option(help="the IndexTTS2 checkpoint folder: config.yaml, gpt.pth (its conformers and "
+                                      "perceivers give the conditioning), wav2vec2bert_stats.pt")
+    w2v_bert: str = option(help="the facebook/w2v-bert-2.0 folder: config.json, preprocessor_config.json, "
+                                "model.safetensors")
+    codec: str = option(help="the MaskGCT semantic codec weights (amphion/MaskGCT semantic_codec/model.safetensors)")
+    batch_size: int = option(16, help="clips per w2v-BERT batch (length-sorted)", min=1)
+    shard_size: int = option(256, help="clips per shard: the unit recorded done", min=1)
+    min_seconds: float = option(0.5, help="shorter clips are dropped", min=0)
+    max_seconds: float = option(20.0, help="longer clips are dropped", above=0)
+    silence_dbfs: float = option(-60.0, help="clips with an RMS level below this are dropped", max=0)
+    max_clipped: float = option(0.001, help="clips with a larger share of samples at full scale are dropped", min=0,
+                                max=1)
+    pairs_per_target: int = option(2, help="prompts drawn per target, from its speaker's other clips", min=1)
+    seed: int = option(0, help="seed of the prompt draw")
+    device: str = option("auto", help="auto, cpu or cuda (under torchrun: one GPU per rank)", check=device_problem)
+    cond_dtype: str = option("float16", help="storage of conditioning and emotion vectors",
+                             choices=("float16", "float32"))
 
     def __post_init__(self):
-        for name in ("batch_size", "shard_size", "pairs_per_target"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise FidelError(None, f"{setting(name)} must be a whole number ≥ 1, got {value!r}")
-        for name in ("min_seconds", "max_seconds", "silence_dbfs", "max_clipped"):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
-                raise FidelError(None, f"{setting(name)} must be a number, got {getattr(self, name)!r}")
-        if not 0 <= self.min_seconds < self.max_seconds:
-            raise FidelError(None, f"{setting('min_seconds')} {self.min_seconds} must be ≥ 0 and below "
-                                   f"{setting('max_seconds')} {self.max_seconds}")
-        if not 0 <= self.max_clipped <= 1:
-            raise FidelError(None, f"{setting('max_clipped')} is a fraction in 0..1, got {self.max_clipped}")
-        if self.cond_dtype not in ("float16", "float32"):
-            raise FidelError(None, f"{setting('cond_dtype')} {self.cond_dtype!r}: choose float16 or float32")
-        if self.device != "auto" and not self.device.startswith(("cpu", "cuda")):
-            raise FidelError(None, f"{setting('device')} {self.device!r}: choose auto, cpu or cuda")
-
-    @classmethod
-    def from_mapping(cls, raw: dict, where: str | Path | None = None) -> PrepareSettings:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise FidelError(where, f"unknown prepare setting(s) {', '.join(unknown)}")
-        missing = [k for k in ("checkpoint_dir", "w2v_bert", "codec") if k not in raw]
-        if missing:
-            raise FidelError(where, f"prepare: missing setting(s) {', '.join(missing)}")
-        try:
-            return cls(**raw)
-        except FidelError as exc:
-            raise FidelError(where, exc.problem) from None
+        check(self)
+        if self.min_seconds >= self.max_seconds:
+            raise FidelError(None, f"min_seconds {self.min_seconds:g} must be below max_seconds {self.max_seconds:g}")
 
     @property
     def models(self) -> ModelPaths:
@@ -372,8 +341,8 @@ def pair_rows(split: str, utterances: list[Utterance], features: dict[str, dict]
         found = text_problems(pair, ids, tokens.share.get(target.text), None, ctx, facts)
         found += code_problems(pair, codes, ctx, facts)
         row = Row(split, index, pair, facts)
-        for check, detail in found:
-            row.add(check, detail)
+        for name, detail in found:
+            row.add(name, detail)
         if not any(f.action == DROPPED for f in row.findings):
             builder.add(split, index, pair, RowArrays(ids, codes, source["condition"], source["emo_vec"]))
         rows.append(row)
@@ -424,7 +393,7 @@ def resolve_device(name: str, env: Dist) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FidelError(None, f"{setting('device')} {name!r}: CUDA is not available here")
+        raise FidelError(None, f"device {name!r}: CUDA is not available here")
     return torch.device("cuda", env.local_rank) if name == "cuda" else torch.device(name)
 
 
