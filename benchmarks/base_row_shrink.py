@@ -22,24 +22,22 @@ import torch  # noqa: E402
 
 from trainer.community_run import Project, community_run  # noqa: E402
 from trainer.config import load_gpt_config  # noqa: E402
-from trainer.data import collate, training_data  # noqa: E402
+from trainer.data import training_data  # noqa: E402
+from trainer.distributed import Dist  # noqa: E402
 from trainer.model import SPLIT_KEYS, UnifiedVoiceGPT, load_upstream_state_dict  # noqa: E402
 from trainer.synthetic import make_tiny_project  # noqa: E402
 from trainer.tokenizer import load_tokenizer  # noqa: E402
+from trainer.train import evaluate  # noqa: E402
 from trainer.weights import read_state_dict, torch_load  # noqa: E402
 
 
-@torch.no_grad()
 def val_losses(project, state: dict) -> tuple[float, float]:
     cfg = load_gpt_config(project.base_config).with_text_tokens(load_tokenizer(project.tokenizer).get_piece_size())
     model = UnifiedVoiceGPT(cfg, base_rows=0, freeze="hooks")
     load_upstream_state_dict(model, state)
-    model.eval()
     data = training_data([project.val_manifest], [project.val_manifest], 8, 0)
-    sums = [model.loss_sums(collate([data.val_set[i] for i in ids])) for ids in data.val_batches]
-    text = sum(float(s.text_ce) for s in sums) / sum(float(s.text_tokens) for s in sums)
-    mel = sum(float(s.mel_ce) for s in sums) / sum(float(s.mel_tokens) for s in sums)
-    return text, mel
+    losses = evaluate(model, data.val_set, data.val_batches, torch.device("cpu"), None, Dist())
+    return losses["val_text_loss"], losses["val_mel_loss"]
 
 
 def main() -> int:

@@ -1,4 +1,4 @@
-"""Stage 3: checkpoint triage: fresh, resume, or refuse. Its table goes to the output dir, Prefect and MLflow."""
+"""Stage 3: checkpoint triage: fresh, resume, or refuse (tagged refuse, quarantine or hostile). Its table goes to the output dir, Prefect and MLflow."""
 
 from __future__ import annotations
 
@@ -17,12 +17,14 @@ def checkpoint_triage(spec: RunSpec, tracker: Tracker | None) -> dict:
     explicit = spec.resume not in (None, "", "auto")
     ref = Reference.load(spec.base_checkpoint, spec.tokenizer)  # judge candidates against this run's base
     decision = triage_path(spec.resume, ref=ref) if explicit else triage_output_dir(spec.output_dir, ref=ref)
-    publish("triage", decision.to_markdown(), decision.to_dict(), spec.output_dir, tracker)
+    publish("triage", decision.to_markdown(), decision.to_dict(), spec.output_dir, tracker,
+            details=decision.details_markdown())
     logger().info("triage: %s (%s)", decision.action, decision.reason)
     if tracker is not None:
         valid = sum(c.valid for c in decision.candidates)
         tracker.set_tags({"triage.decision": decision.action, "triage.verdict": decision.reason[:4000],
+                          "triage.refusal": decision.refusal or "none",
                           "triage.checkpoints": f"{len(decision.candidates)} found, {valid} valid"})
     if decision.action == "refuse":
-        raise StageFailed(f"triage: {decision.reason}")
+        raise StageFailed(f"triage: {decision.refusal}: {decision.reason}")
     return decision.to_dict()

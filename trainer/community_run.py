@@ -151,7 +151,7 @@ def real_step(model, optimizer, scheduler, scaler, batch, flags: TrainerFlags) -
     return {"text_loss": text.item(), "mel_loss": mel.item(), "mel_top1": 0.0}
 
 
-def rng_state() -> dict:
+def amv2_rng_state() -> dict:
     return {"torch_cpu": torch.get_rng_state(), "torch_cuda": None, "numpy": np.random.get_state(),
             "python": random.getstate()}
 
@@ -169,7 +169,7 @@ def save_files(out: Path, version: str, state: dict, flags: TrainerFlags, recent
                 "last_losses": state["last_losses"]}, path)
     latest = {**common, "recent_checkpoints": list(recent), "manifests": state["manifests"]}
     if version == "head":
-        latest.update(rng_state=rng_state(), batch_size=flags.batch_size, grad_accumulation=1,
+        latest.update(rng_state=amv2_rng_state(), batch_size=flags.batch_size, grad_accumulation=1,
                       pytorch_version=torch.__version__, cuda_version=None, cuda_peak_memory=0)
     tmp = out / "latest.pth.tmp"
     torch.save(latest, tmp)
