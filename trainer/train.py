@@ -34,6 +34,7 @@ from trainer.checkpoint import (
     remove_stale_temp_files,
     rng_state,
     set_rng_state,
+    verify_checkpoint,
 )
 from trainer.config import GPTConfig, load_gpt_config, read_config_yaml
 from trainer.data import collate, training_data
@@ -167,6 +168,7 @@ def resolve_resume(tc: TrainConfig, warn: Callable[[str], None] = lambda message
     path = Path(tc.resume)
     if not path.is_file():
         raise FidelError(path, "--resume: checkpoint not found" if not path.exists() else "--resume: not a file")
+    verify_checkpoint(path)  # before any work, not after the model is built
     return path
 
 
