@@ -315,8 +315,8 @@ def fidel_candidate(path: Path, lineage: dict | None, ref: Reference | None = No
     try:
         meta = verify_checkpoint(path)
     except FidelError as exc:
-        return Candidate(str(path), "fidel", False, None, exc.problem, "corrupt", "quarantine",
-                         "does not verify: passed over, never loaded")
+        return Candidate(path=str(path), kind="fidel", valid=False, step=None, detail=exc.problem, finding="corrupt",
+                         decision="quarantine", reason="does not verify: passed over, never loaded")
     expected = dict(lineage or {})
     if ref is not None:
         expected.setdefault("base_rows_sha256", ref.base_hash)
@@ -324,8 +324,9 @@ def fidel_candidate(path: Path, lineage: dict | None, ref: Reference | None = No
             expected.setdefault("tokenizer_sha256", ref.tokenizer_sha256)
     for key in ("base_rows_sha256", "tokenizer_sha256"):
         if expected.get(key) and meta.get(key) != expected[key]:
-            return Candidate(str(path), "fidel", False, meta["step"], f"{key} differs from this run's",
-                             "incompatible", "refuse", f"{key} differs: another lineage; start fresh in a new dir")
+            return Candidate(path=str(path), kind="fidel", valid=False, step=meta["step"],
+                             detail=f"{key} differs from this run's", finding="incompatible", decision="refuse",
+                             reason=f"{key} differs: another lineage; start fresh in a new dir")
     evidence = {"integrity": {"sha256": meta["sha256"], "sidecar_sha256_match": True},
                 "lineage_id": meta.get("lineage_id"), "base_rows_intact": meta.get("base_rows_intact"),
                 "freeze": meta.get("freeze"), "total_steps": meta.get("schedule_total_steps")}
@@ -334,8 +335,8 @@ def fidel_candidate(path: Path, lineage: dict | None, ref: Reference | None = No
         try:
             raw = torch_load(path, mmap=True)
         except FidelError as exc:
-            return Candidate(str(path), "fidel", False, meta["step"], exc.problem, "corrupt", "quarantine",
-                             "verifies but does not load")
+            return Candidate(path=str(path), kind="fidel", valid=False, step=meta["step"], detail=exc.problem,
+                             finding="corrupt", decision="quarantine", reason="verifies but does not load")
         evidence["scheduler"] = scheduler_position(raw, meta["step"], (raw.get("train_config") or {}).get(
             "warmup_steps"))
         evidence["new_rows"] = new_row_movement_fidel(raw.get("model", {}), raw.get("lineage", {}), ref)
@@ -346,7 +347,8 @@ def fidel_candidate(path: Path, lineage: dict | None, ref: Reference | None = No
     decision, reason = "resume", f"fidel lineage at step {meta['step']}, base hash matches"
     if policy.policy == "force-fresh":
         decision, reason = "fresh", "policy force-fresh"
-    return Candidate(str(path), "fidel", True, meta["step"], detail, "fidel", decision, reason, evidence)
+    return Candidate(path=str(path), kind="fidel", valid=True, step=meta["step"], detail=detail, finding="fidel",
+                     decision=decision, reason=reason, evidence=evidence)
 
 
 @dataclass
@@ -562,8 +564,9 @@ def foreign_candidate(path: Path, ref: Reference | None, policy: TriagePolicy | 
     ev = gather_foreign(path, ref, policy)
     rule = next(r for r in FOREIGN_RULES if r.holds(ev))
     decision, reason = rule.decide(ev, policy)
-    return Candidate(str(path), "foreign", rule.valid, ev.step, foreign_detail(ev), rule.finding, decision, reason,
-                     asdict(ev) | {"base_change": ev.base_change if ev.change else None})
+    return Candidate(path=str(path), kind="foreign", valid=rule.valid, step=ev.step, detail=foreign_detail(ev),
+                     finding=rule.finding, decision=decision, reason=reason,
+                     evidence=asdict(ev) | {"base_change": ev.base_change if ev.change else None})
 
 
 def foreign_files(folder: Path) -> list[Path]:
