@@ -1,4 +1,5 @@
-"""Stage 3: checkpoint triage: fresh, resume, or refuse (tagged refuse, quarantine or hostile). Its table goes to the output dir, Prefect and MLflow."""
+"""Stage 3: checkpoint triage: fresh, resume, or refuse (tagged refuse, quarantine or hostile). Its table goes
+to the output dir, Prefect and MLflow."""
 
 from __future__ import annotations
 
