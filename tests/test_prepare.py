@@ -155,11 +155,54 @@ def test_sigterm_stops_after_the_batch_and_the_same_command_finishes_the_same_da
     assert second.status == "completed" and second.clips == 10 - 2  # the interrupted run kept its first batch
     assert second.info["content_sha256"] == whole.info["content_sha256"]
     assert prepare(*args).reused
+    assert_sharded_by_rank_gives_the_same(tiny_project, tiny_models, corpus, tmp_path, whole.info["content_sha256"])
     train = ParquetPairs([second.info["splits"]["train"]["path"]], tiny_project.tokenizer)
     assert len(train) == 6 * 2 and set(train.column("speaker")) == {"s0", "s1"}
     prompts = dict(zip(train.column("pair_id"), train.column("prompt_id"), strict=True))
     assert all(pid.split("__")[1] == prompt and int(pid[1:3]) % 2 == int(prompt[1:]) % 2
                for pid, prompt in prompts.items())
+
+
+def assert_sharded_by_rank_gives_the_same(tiny_project, tiny_models, corpus, tmp_path, content_sha256):
+    """Two torchrun ranks (RANK/WORLD_SIZE), run one after the other: rank 1 takes the odd shards and leaves,
+    rank 0 the others, waits for all and writes the dataset."""
+    from unittest import mock
+
+    args = prepare_args(tiny_project, tiny_models, corpus, tmp_path / "ranks", batch_size=2, shard_size=3)
+    with mock.patch.dict(os.environ, {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}):
+        assert prepare(*args).status == "shards_done"
+    done = sorted(p.stem for p in (tmp_path / "ranks" / "shards").glob("*-*.json"))
+    assert done == ["train-00001", "val-00000"]  # jobs train-0, train-1, train-2, val-0, val-1: every second one
+    with mock.patch.dict(os.environ, {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}):
+        last = prepare(*args)
+    assert last.status == "completed" and last.info["content_sha256"] == content_sha256
+
+
+def test_bad_inputs_stop_with_one_line_before_any_work(tiny_project, tiny_models, corpus, tmp_path, capsys):
+    from flows.cli import main
+
+    paths = tiny_models[0]
+    out = tmp_path / "out"
+    base = ["prepare", "--train", str(corpus["train"]), "--tokenizer", str(tiny_project.tokenizer), "--config",
+            str(tiny_project.base_config), "--out", str(out), "--checkpoint-dir", str(paths.checkpoint_dir),
+            "--w2v-bert", str(paths.w2v_bert), "--codec", str(paths.codec)]
+    bad_manifest = tmp_path / "bad.csv"
+    bad_manifest.write_text("id,text,audio\nu1,ሰላም,a.wav\n", encoding="utf-8")
+    twice = tmp_path / "twice.jsonl"
+    twice.write_text(corpus["train"].read_text(encoding="utf-8").splitlines()[0] + "\n" +
+                     corpus["train"].read_text(encoding="utf-8").splitlines()[0] + "\n", encoding="utf-8")
+    cases = {
+        "--w2v-bert": (["--w2v-bert", str(tmp_path / "nowhere")], "w2v-BERT 2.0 folder not found"),
+        "--codec": (["--codec", str(tmp_path / "codec.safetensors")], "not found (codec file"),
+        "--batch-size": (["--batch-size", "0"], "--batch-size: must be at least 1"),
+        "bad.csv": (["--train", str(bad_manifest)], "line 2: missing field(s) speaker"),
+        "twice.jsonl": (["--train", str(twice)], "already at"),
+    }
+    for name, (extra, message) in cases.items():
+        assert main(base + extra) == 2, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and (name in err or name.startswith("--")), (name, err)
+    assert not out.exists()  # nothing written
 
 
 def espeak_corpus(folder, texts: list[str], speakers, per_speaker: int, name: str):
