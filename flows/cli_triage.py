@@ -55,7 +55,7 @@ def cmd_experimental_resume(args) -> int:
         tracker.set_tags({"triage.decision": "experimental", "resume.from": str(args.checkpoint)})
     hooks = TrainHooks(on_checkpoint=lambda path, sidecar: print(f"saved {path} (step {sidecar['step']})"))
     run = experimental_resume(args.checkpoint, tc, args.text_loss_threshold, args.within_steps, hooks,
-                              gate_tagger(tracker))
+                              gate_tagger(tracker), keep_base_rows=args.keep_base_rows)
     if tracker is not None:
         tracker.set_tags({"train.status": run.result.status, "train.step": run.result.step})
         tracker.finish("FAILED" if run.result.status == "failed" else "FINISHED")
@@ -101,5 +101,8 @@ def add_commands(sub) -> None:
     add_flags(e, TrainConfig, only=RESUME_OPTIONS, required=RESUME_REQUIRED)
     e.add_argument("--text-loss-threshold", type=float, default=3.0)
     e.add_argument("--within-steps", type=int, default=5000, help="steps after the resume to get below it")
+    e.add_argument("--keep-base-rows", action="store_true",
+                   help="keep base rows as the run left them (a fixed run's weight-decay shrink) instead of restoring "
+                        "them from the base; they become the base of the new run, written to OUTPUT_DIR/base/gpt.pth")
     e.add_argument("--tracking-uri", default=None, help="MLflow store to tag the gate results on (optional)")
     e.set_defaults(func=cmd_experimental_resume)

@@ -92,3 +92,29 @@ def test_backup_keeps_the_source_permissions(broken, tmp_path):
     source.chmod(0o640)
     saved = backup_checkpoint(source, tmp_path / "backup")
     assert saved.path.stat().st_mode & 0o777 == 0o640
+
+
+@pytest.mark.slow
+def test_fixed_run_resumes_with_base_rows_restored_or_kept(tiny_project, make_train_config, tmp_path):
+    """A decay-shrunk fixed run: by default its base rows go back to the base; keep_base_rows keeps the shrink
+    and makes it the new lineage's base."""
+    p = tiny_project
+    project = Project(p.base_checkpoint, p.base_config, p.tokenizer, p.train_manifest)
+    fixed = community_run(project, tmp_path / "fixed", 25000)[-1]
+    base = upstream_keys_of(torch_load(p.base_checkpoint), "base")
+    b = base["text_embedding.weight"].shape[0] - 1
+    shrunk = torch_load(fixed)["model"]["text_embedding.weight"][:b]
+    assert not torch.equal(shrunk, base["text_embedding.weight"][:b])
+    hashes = {}
+    for keep in (False, True):
+        out = tmp_path / f"keep{keep}"
+        tc = make_train_config(p, out, max_steps=25002, val_interval=100, save_interval=100)
+        run = experimental_resume(fixed, tc, text_loss_threshold=float("inf"), keep_base_rows=keep)
+        assert run.result.status == "completed" and run.result.step == 25002
+        lineage = torch_load(run.result.checkpoint)["lineage"]
+        lineage_base = upstream_keys_of(torch_load(lineage["base_checkpoint"]), "lineage base")
+        assert torch.equal(lineage_base["text_embedding.weight"][:b], shrunk if keep else base["text_embedding.weight"][:b])
+        assert run.repair["moments_zeroed"]["text_embedding.weight.exp_avg"] == 0  # a fixed run: nothing to zero
+        assert ("base_rows" in run.repair) == keep
+        hashes[keep] = lineage["base_rows_sha256"]
+    assert hashes[True] != hashes[False]

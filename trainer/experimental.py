@@ -42,7 +42,7 @@ from trainer.train import (
     trainable_state,
 )
 from trainer.triage import optimizer_param_names
-from trainer.weights import model_base_rows_hash, torch_load, upstream_keys_of
+from trainer.weights import model_base_rows_hash, read_state_dict, torch_load, upstream_keys_of
 
 # fidel's split parameters ← rows B..N of the community tensors
 SPLIT_SOURCES = {"text_embedding.new": "text_embedding.weight", "text_head.new_weight": "text_head.weight",
@@ -74,13 +74,14 @@ def backup_checkpoint(path: str | Path, backup_dir: str | Path) -> Backup:
     return Backup(dst, digest)
 
 
-def repair_community_state(raw: dict, base: dict[str, torch.Tensor], base_rows: int) -> tuple[dict, dict]:
-    """A copy of a community checkpoint dict with base rows restored from the base and their Adam moments zeroed.
-    Returns (repaired, record of what changed)."""
+def repair_community_state(raw: dict, base: dict[str, torch.Tensor], base_rows: int,
+                           restore_rows: bool = True) -> tuple[dict, dict]:
+    """A copy of a community checkpoint dict with base rows restored from the base (unless restore_rows is False)
+    and their Adam moments zeroed. Returns (repaired, record of what changed)."""
     repaired = copy.copy(raw)
     model = dict(raw["model"])
     record: dict = {"rows_restored": {}, "moments_zeroed": {}}
-    for key in SPLIT_KEYS:
+    for key in SPLIT_KEYS if restore_rows else ():
         current = model[key]
         changed = int((current[:base_rows] != base[key][:base_rows]).reshape(base_rows, -1).any(1).sum())
         fixed = current.clone()
@@ -126,6 +127,22 @@ def imported_optimizer_state(model, optimizer: torch.optim.Optimizer, raw: dict,
                                     "exp_avg": avg.clone().to(param.dtype), "exp_avg_sq": sq.clone().to(param.dtype)}
             index += 1
     return {**saved, "state": state}
+
+
+def base_with_run_rows(base_path: str | Path, run_state: dict, out_path: Path) -> Path:
+    """A copy of the base checkpoint whose rows 0..B-1 of the text tensors are the community run's (the
+    keep_base_rows option). fidel trains base rows frozen at its base's values and checks their hash, so keeping
+    the rows a run left means making them the base of the new lineage."""
+    base = read_state_dict(base_path)
+    b = base["text_embedding.weight"].shape[0] - 1
+    state = dict(base)
+    for key in SPLIT_KEYS:
+        rows = base[key].clone()
+        rows[:b] = run_state[key][:b].to(rows.dtype)
+        state[key] = rows
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_path, lambda handle: torch.save(state, handle))
+    return out_path
 
 
 def steps_left(raw: dict, tc: TrainConfig, source: str | Path) -> int:
@@ -200,9 +217,13 @@ class ExperimentalRun:
 def experimental_resume(checkpoint: str | Path, tc: TrainConfig, text_loss_threshold: float = 3.0,
                         within_steps: int = 5000, hooks: TrainHooks | None = None,
                         on_gates: Callable[[int, list], None] = lambda step, results: None,
-                        backup_dir: str | Path | None = None) -> ExperimentalRun:
+                        backup_dir: str | Path | None = None, keep_base_rows: bool = False) -> ExperimentalRun:
     """Option B: backup, restore base rows, zero their moments, resume into tc.output_dir (which must hold no
-    checkpoint) with the validation gates and the text-loss gate armed; on_gates sees every gate result."""
+    checkpoint) with the validation gates and the text-loss gate armed; on_gates sees every gate result.
+
+    keep_base_rows: keep rows 0..B-1 as the run left them (a fixed run's decay shrink) instead of restoring them;
+    they become the new lineage's base, written to OUTPUT_DIR/base/gpt.pth (give that as --base-checkpoint when
+    resuming this run later)."""
     from trainer.gates import GateConfig, validation_hook
     from trainer.train import resolve_resume
 
@@ -217,11 +238,15 @@ def experimental_resume(checkpoint: str | Path, tc: TrainConfig, text_loss_thres
     steps_left(raw, tc, path)
     base = upstream_keys_of(torch_load(tc.base_checkpoint), tc.base_checkpoint)
     base_rows = base["text_embedding.weight"].shape[0] - 1
-    repaired, record = repair_community_state(raw, base, base_rows)
+    repaired, record = repair_community_state(raw, base, base_rows, restore_rows=not keep_base_rows)
     gate = {"threshold": text_loss_threshold, "by_step": int(raw.get("step") or 0) + within_steps}
     folder = Path(backup_dir) if backup_dir else out / "backup"
     with removed_on_failure(out, folder, folder / path.name):
         backup = backup_checkpoint(path, folder)
+        if keep_base_rows:
+            kept = base_with_run_rows(tc.base_checkpoint, upstream_keys_of(raw, path), out / "base" / "gpt.pth")
+            tc = replace(tc, base_checkpoint=str(kept))
+            record["base_rows"] = f"kept as the run left them: the new lineage's base is {kept}"
         imported = import_community_checkpoint(repaired, tc, str(backup.path),
                                                {"policy": "experimental", "repair": record,
                                                 "backup_sha256": backup.sha256, "text_loss_gate": gate})
