@@ -32,7 +32,12 @@ Not reproduced (said here so no test leans on it):
   get AdamW's own update with a zero gradient (torch.optim.adam.adam on those rows); every other row (new rows,
   base rows of a run without hooks) gets the decay only, its moments left as they were. The rest of the model
   keeps its last real values; Adam step counters advance by the steps taken;
-- no validation, TensorBoard, DataLoader workers, gradient accumulation (1), or CUDA RNG state (None).
+- no validation, TensorBoard, DataLoader workers, gradient accumulation (1), or CUDA RNG state (None); the epoch
+  stays at the one the run started in;
+- the other community trainers are not generated: JarodMica's PR #545 and instavar build the same
+  `AdamW(model.parameters())` (torch's default weight decay 0.01) and write the same optimizer layout with other
+  top-level keys; Ksuriuri's single-GPU run has no text_head state (mel loss only) and its multi-GPU run a
+  filtered optimizer whose ids triage cannot map to names (reference/amv2_checkpoint_format.md §3–6).
 """
 
 from __future__ import annotations
