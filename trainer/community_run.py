@@ -34,9 +34,8 @@ Not reproduced (said here so no test leans on it):
   keeps its last real values; Adam step counters advance by the steps taken;
 - no validation, TensorBoard, DataLoader workers, gradient accumulation (1), or CUDA RNG state (None); the epoch
   stays at the one the run started in;
-- the other community trainers are not generated: JarodMica's PR #545 and instavar build the same
-  `AdamW(model.parameters())` (torch's default weight decay 0.01) and write the same optimizer layout with other
-  top-level keys; Ksuriuri's single-GPU run has no text_head state (mel loss only) and its multi-GPU run a
+- the other community trainers are not generated: JarodMica's PR #545 and instavar build an AdamW over
+  `model.parameters()` too and write the same optimizer layout with other top-level keys; Ksuriuri's single-GPU run has no text_head state (mel loss only) and its multi-GPU run a
   filtered optimizer whose ids triage cannot map to names (reference/amv2_checkpoint_format.md §3–6).
 """
 
