@@ -15,8 +15,10 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.finetune import Preempted, finetune
+from tasks.report import StageFailed, failed_state, logger
 from trainer.config import write_config_yaml
 from trainer.demo_corpus import DemoCorpus, build_demo_corpus, write_paired_manifests
+from trainer.errors import FidelError
 from trainer.export import export_model, read_export_record
 from trainer.tokenizer import encode, extend_tokenizer, load_tokenizer, train_base_tokenizer
 from trainer.train import EXIT_PREEMPTED, TrainConfig, TrainHooks, train
@@ -99,12 +101,12 @@ def base_model_step(root: Path, corpus: DemoCorpus, base_tok: Path, manifests: d
                      max_steps=size.base_steps, batch_size=16, learning_rate=2e-3, warmup_steps=50,
                      weight_decay=0.01, log_interval=20, val_interval=max(20, size.base_steps // 6),
                      save_interval=max(20, size.base_steps // 6), keep_last=2, init="random", seed=0)
-    print(f"[demo] training the English base model ({size.base_steps} steps) …", flush=True)
+    logger().info("[demo] training the English base model (%d steps) …", size.base_steps)
     result = train(tc, TrainHooks(on_progress=progress_printer("base")))
     if result.status == "preempted":
         raise Preempted(f"base model training stopped at step {result.step}: {result.reason}")
     if result.status != "completed":
-        raise RuntimeError(f"base model training failed: {result.reason}")
+        raise StageFailed(f"base model training failed: {result.reason}")
     export_model(result.checkpoint, base_dir)
     return base_dir
 
@@ -116,7 +118,7 @@ def progress_printer(label: str):
 
     def show(step: int, total: int, metrics: dict) -> None:
         if "bar" not in bar:
-            bar["bar"] = Progress(label, total, initial=step, stream=sys.stdout)
+            bar["bar"] = Progress(label, total, initial=step, stream=sys.stdout, log=logger().info)
         bar["bar"].update(step, metrics)
         if step >= total:
             bar["bar"].close()
@@ -144,6 +146,17 @@ def write_run_file(root: Path, base_dir: Path, base_tok: Path, am_tok: Path, man
 
 @flow(name="fidel-demo")
 def demo(root: str = "demo", quick: bool = False, run_name: str = "finetune") -> dict:
+    """A fidel failure ends the flow run Failed with its one-line reason (a direct call raises it)."""
+    try:
+        summary = build_and_finetune(root, quick, run_name)
+    except (FidelError, StageFailed) as exc:
+        return failed_state(exc)
+    for line in summary_lines(summary):
+        logger().info(line)
+    return summary
+
+
+def build_and_finetune(root: str, quick: bool, run_name: str) -> dict:
     size = QUICK if quick else FULL
     root_path = Path(root).resolve()
     timings = {}
@@ -156,7 +169,7 @@ def demo(root: str = "demo", quick: bool = False, run_name: str = "finetune") ->
     base_dir = base_model_step(root_path, corpus, base_tok, manifests, size)
     timings["base_model"] = time.monotonic() - started - sum(timings.values())
     run_file = write_run_file(root_path, base_dir, base_tok, am_tok, manifests, size, run_name)
-    print(f"[demo] fine-tuning Amharic: fidel run --config {run_file}", flush=True)
+    logger().info("[demo] fine-tuning Amharic: fidel run --config %s", run_file)
     summary = finetune(run_config=str(run_file), show_progress=True)
     timings["finetune_flow"] = time.monotonic() - started - sum(timings.values())
     return {**summary, "timings": timings}
@@ -173,8 +186,14 @@ def run_demo(root: Path, run_name: str = "finetune", quick: bool = False) -> int
     if summary["status"] == "already_running":
         print(f"[demo] {summary['message']}")
         return 0
-    print("\n[demo] wall time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in summary["timings"].items()))
-    last = summary["val_history"][-1]
-    print(f"[demo] final validation: text loss {last['val_text_loss']:.3f}, mel loss {last['val_mel_loss']:.3f}")
+    print("\n" + "\n".join(summary_lines(summary)))
     print_summary(summary)
     return 0
+
+
+def summary_lines(summary: dict) -> list[str]:
+    if "val_history" not in summary:  # another run holds the output dir: nothing was trained here
+        return [f"[demo] {summary.get('message', summary['status'])}"]
+    last = summary["val_history"][-1]
+    return ["[demo] wall time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in summary["timings"].items()),
+            f"[demo] final validation: text loss {last['val_text_loss']:.3f}, mel loss {last['val_mel_loss']:.3f}"]

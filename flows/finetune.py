@@ -22,30 +22,59 @@ from prefect.states import Completed
 
 from tasks.data import data_checks
 from tasks.gates import GatesFailed, evaluation_gates
-from tasks.lineage import Attempt, CrashLoop, read_finished, record_attempt, started, write_finished
+from tasks.lineage import (
+    Attempt,
+    CrashLoop,
+    describe_run,
+    link_runs,
+    read_finished,
+    record_attempt,
+    started,
+    write_finished,
+)
 from tasks.lock import AlreadyRunning, OutputDirLock
 from tasks.prepare import prepared_data
+from tasks.report import StageFailed, failed_state
 from tasks.spec import RunSpec, load_run_spec, run_spec_from_dict
 from tasks.stale_runs import claim_and_sweep
 from tasks.tokenizer import tokenizer_verification
 from tasks.tracking import git_commit, open_run, start_system_metrics
 from tasks.train import training
 from tasks.triage import checkpoint_triage
+from trainer.errors import FidelError
 
 
-class Preempted(Exception):
+class Preempted(StageFailed):
     """Training stopped on a signal after saving; running the flow again resumes it."""
 
 
 @flow(name="fidel-finetune")
 def finetune(run_config: str | None = None, settings: dict | None = None, show_progress: bool = False,
-             resume: str | None = None, max_resume_attempts: int = 3, resume_window_minutes: float = 60.0):
+             resume: str | None = None, max_resume_attempts: int = 3, resume_window_minutes: float = 60.0,
+             only_resume: bool = False):
     """resume: None keeps the run file's setting; "auto" continues from the newest valid checkpoint (fresh when
     there is none); a path resumes that checkpoint. More than max_resume_attempts resumes within
-    resume_window_minutes is a crash loop: the run fails instead of resuming again."""
+    resume_window_minutes is a crash loop: the run fails instead of resuming again. only_resume (the resume
+    schedule): no run file, or a lineage not started yet, ends Completed with a message saying what to configure.
+    A fidel failure ends the flow run Failed with its one-line reason as the state message."""
+    try:
+        return start_or_resume(run_config, settings, show_progress, resume, max_resume_attempts,
+                               resume_window_minutes, only_resume)
+    except (FidelError, StageFailed) as exc:
+        return failed_state(exc)
+
+
+def start_or_resume(run_config: str | None, settings: dict | None, show_progress: bool, resume: str | None,
+                    max_resume_attempts: int, resume_window_minutes: float, only_resume: bool):
+    if only_resume and not (run_config and Path(run_config).is_file()):
+        return nothing_to_resume(f"no run file {run_config or '(run_config not set)'}: set this deployment's "
+                                 "run_config parameter to your run.yaml (docs/deployments.md)")
     spec = load_run_spec(run_config) if run_config else run_spec_from_dict(settings or {}, Path.cwd() / "run.yaml")
     if resume is not None:
         spec.resume = resume
+    if only_resume and not started(Path(spec.output_dir)):
+        return nothing_to_resume(f"lineage {spec.output_dir} not started yet: start it with `prefect deployment run "
+                                 f"fidel-finetune/finetune -p run_config={run_config}`; this schedule only resumes")
     run_id = flow_run.id
     try:
         lock = OutputDirLock(spec.output_dir, run_id).acquire()
@@ -59,6 +88,11 @@ def finetune(run_config: str | None = None, settings: dict | None = None, show_p
         return run_lineage(spec, lock, run_id, show_progress, max_resume_attempts, resume_window_minutes)
     finally:
         lock.release()
+
+
+def nothing_to_resume(message: str) -> Completed:
+    get_run_logger().info(message)
+    return Completed(message=message, data={"status": "not_configured", "message": message})
 
 
 def run_lineage(spec: RunSpec, lock: OutputDirLock, run_id: str | None, show_progress: bool,
@@ -95,6 +129,7 @@ def run_lineage(spec: RunSpec, lock: OutputDirLock, run_id: str | None, show_pro
     tracker.set_tags({"resume.count": resume_count, "git.commit": commit, "mlflow.source.git.commit": commit,
                       "output_dir": str(output_dir), "prefect.flow_run_id": run_id or "none",
                       "prefect.deployment": deployment.name or "none", "status": "running"})
+    link_runs(tracker, output_dir, log)
     monitor = start_system_metrics(tracker)
     try:
         data = prepared_data(spec, tracker) if spec.prepare else data_checks(spec, tracker)
@@ -110,11 +145,13 @@ def run_lineage(spec: RunSpec, lock: OutputDirLock, run_id: str | None, show_pro
     except Preempted:
         monitor.finish()
         tracker.set_tags({"status": "preempted"})
+        describe_run(tracker, "preempted, resumable")
         tracker.finish("KILLED")
         raise
     except Exception as exc:
         monitor.finish()
         tracker.set_tags({"status": "failed", "failed.reason": str(exc)[:4000]})
+        describe_run(tracker, "failed")
         tracker.finish("FAILED")
         if isinstance(exc, GatesFailed):
             export_dir = tracker.tags().get("export.dir", "")
@@ -126,6 +163,7 @@ def run_lineage(spec: RunSpec, lock: OutputDirLock, run_id: str | None, show_pro
                "train_seconds": result.wall_seconds, "resume_count": resume_count, "val_history": result.val_history, "last_train": result.last_train,
                **gates}
     tracker.set_tags({"status": "completed"})
+    describe_run(tracker, "completed")
     tracker.finish("FINISHED")
     write_finished(output_dir, {"status": "completed", "export_dir": gates["export_dir"], "summary": summary,
                                 "finished_at": time.time()})

@@ -13,16 +13,19 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.report import StageFailed, logger, publish
 from tasks.spec import RunSpec
-from tasks.tracking import CANDIDATE_ALIAS, Tracker, log_export_once, register_export
+from tasks.tracking import CANDIDATE_ALIAS, Tracker, log_export_model, register_export
 from trainer.export import export_model, read_export_record
 from trainer.gates import (
+    advisory_failures,
     all_passed,
     exported_base_rows_identical,
     finite,
     first_failure,
     not_diverging,
+    reasons_markdown,
     report_markdown,
     validation_improves,
+    verdict,
 )
 from trainer.parquet_data import ParquetPairs
 from trainer.train import TrainResult
@@ -63,24 +66,23 @@ def evaluation_gates(spec: RunSpec, result: TrainResult, tracker: Tracker | None
         validation_improves(start["val_text_loss"], end["val_text_loss"], name="validation_improves_text"),
     ]
     (learning, smoke), smoke_extra = learning_and_smoke(spec, result, str(data_dir_of(spec)))
-    results.append(learning)
     # advisory unless the run file sets enforce_inference_smoke: short runs (tests, the demo) don't stop yet
-    if spec.enforce_inference_smoke:
-        results.append(smoke)
-    publish("gates", report_markdown(results + [smoke]), {"gates": [r.to_dict() for r in results], "export": exported,
-                                                          "inference_smoke": smoke.to_dict(), **smoke_extra},
-            spec.output_dir, tracker)
-    logger().info("%s%s", smoke.line(), "" if spec.enforce_inference_smoke else " (advisory)")
-    if tracker is not None:
-        tracker.set_tags({f"gate.{smoke.name}": "PASS" if smoke.passed else "FAIL"})
-        if smoke_extra.get("wav"):
-            tracker.log_artifact(smoke_extra["wav"], "smoke")
+    smoke.advisory = not spec.enforce_inference_smoke
+    results += [learning, smoke]
+    publish("gates", report_markdown(results), {"gates": [r.to_dict() for r in results], "export": exported,
+                                                "verdict": verdict(results), **smoke_extra},
+            spec.output_dir, tracker, details=reasons_markdown(results))
+    if tracker is not None and smoke_extra.get("wav"):
+        tracker.log_artifact(smoke_extra["wav"], "smoke")
     for r in results:
         logger().info(r.line())
     passed = all_passed(results)
     if tracker is not None:
-        tracker.set_tags({f"gate.{r.name}": "PASS" if r.passed else "FAIL" for r in results})
-        tracker.set_tags({"gates": "PASS" if passed else "FAIL", "export.dir": str(export_dir),
+        tracker.set_tags({f"gate.{r.name}": r.label() for r in results})
+        advisory = advisory_failures(results)
+        tracker.set_tags({"gates": "PASS" if passed else "FAIL",
+                          "gates.advisory": f"FAIL: {', '.join(advisory)}" if advisory else "none failed",
+                          "export.dir": str(export_dir),
                           "export.gpt_sha256": exported["gpt_sha256"]})
     if not passed:
         reason = first_failure(results)
@@ -89,9 +91,11 @@ def evaluation_gates(spec: RunSpec, result: TrainResult, tracker: Tracker | None
         raise GatesFailed(reason)
     registered = None
     if tracker is not None:
-        log_export_once(tracker, export_dir)
         name = f"fidel-{lineage_language(spec)}"
-        version = register_export(tracker, name)
+        final = {**{k: v for k, v in result.last_train.items() if isinstance(v, float)},
+                 **{k: v for k, v in end.items() if k.startswith("val_")}}
+        model_id = log_export_model(tracker, export_dir, name, result.step, final)
+        version = register_export(tracker, name, model_id)
         registered = {"name": name, "version": version, "alias": CANDIDATE_ALIAS}
         tracker.set_tags({"registered_model": f"{name} v{version} @{CANDIDATE_ALIAS}"})
         logger().info("registered %s version %s with alias %s", name, version, CANDIDATE_ALIAS)
@@ -114,7 +118,7 @@ def gate_tagger(tracker: Tracker | None):
             log.info("step %d: %s", step, r.line())
         if tracker is None:
             return
-        tags = {f"gate.{r.name}": "PASS" if r.passed else "FAIL" for r in results}
+        tags = {f"gate.{r.name}": r.label() for r in results}
         reason = first_failure(results)
         if reason:
             tags.update({"gates": "FAIL", "gates.failed": f"step {step}: {reason}"})

@@ -11,10 +11,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.report import StageFailed
-from tasks.tracking import RUN_FILE
+from tasks.report import StageFailed, lineage_key
+from tasks.tracking import RUN_FILE, Tracker
 from trainer.checkpoint import atomic_write_json, list_checkpoints
 from trainer.export import read_export_record
+from trainer.markdown import escape
 
 FINISHED_FILE = "finished.json"
 ATTEMPTS_FILE = "resume_attempts.json"
@@ -78,3 +79,37 @@ def record_attempt(output_dir: Path, attempt: Attempt, max_attempts: int, window
     attempts.append(attempt)
     atomic_write_json(output_dir / ATTEMPTS_FILE, {"attempts": [vars(a) for a in attempts]})
     return len(attempts)
+
+
+def link_runs(tracker: Tracker, output_dir: Path, log) -> None:
+    """Each UI names the other: a Prefect link (or markdown) artifact and a log line with the MLflow run, and the
+    Prefect flow run's URL on the MLflow run when PREFECT_API_URL points at a server."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact
+    from prefect.runtime import flow_run
+    from prefect.settings import PREFECT_API_URL
+
+    log.info(tracker.how_to_view())
+    key = f"{lineage_key(output_dir)}-mlflow"
+    if url := tracker.url():
+        create_link_artifact(url, link_text=f"MLflow run {tracker.run_id}", key=key,
+                             description=f"the MLflow run of {output_dir}")
+    else:
+        create_markdown_artifact(f"# MLflow run\n\n{escape(tracker.how_to_view())}\n", key=key,
+                                 description=f"the MLflow run of {output_dir} (local store: no server URL)")
+    if PREFECT_API_URL.value() and flow_run.id:
+        tracker.set_tags({"prefect.flow_run_url": flow_run.ui_url})
+
+
+DESCRIBED = (("output_dir", "output dir"), ("data.sha256", "data content"), ("data.train.kept", "train pairs"),
+             ("data.val.kept", "validation pairs"), ("triage.decision", "triage"), ("triage.verdict", "triage said"),
+             ("train.step", "steps"), ("resume.count", "resumes"), ("gates", "gates"),
+             ("gates.advisory", "advisory gates"), ("gates.failed", "failed gate"), ("failed.reason", "failure"),
+             ("registered_model", "registered"), ("prefect.flow_run_url", "Prefect flow run"))
+
+
+def describe_run(tracker: Tracker, status: str) -> None:
+    """The run's description in the MLflow UI: the lineage's story (data, triage, steps, gates) from its tags."""
+    tags = tracker.tags()
+    lines = [f"**fidel lineage {escape(Path(tags.get('output_dir', '')).name)}: {escape(status)}**", ""]
+    lines += [f"- {label}: {escape(tags[key])}" for key, label in DESCRIBED if tags.get(key)]
+    tracker.describe("\n".join(lines) + "\n")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import re
 from pathlib import Path
 
 from prefect import get_run_logger
@@ -11,6 +13,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import MissingContextError
 
 from tasks.tracking import Tracker
+from trainer.markdown import escape
 
 CURVES = {"text loss": ("train_text_loss", "val_text_loss"), "mel loss": ("train_mel_loss", "val_mel_loss"),
           "mel top-1": ("train_mel_top1", "val_mel_top1")}
@@ -20,13 +23,58 @@ class StageFailed(Exception):
     """A stage stopped the flow; the message is the one-line reason."""
 
 
-def publish(stage: str, markdown: str, data: dict, output_dir: str | Path, tracker: Tracker | None) -> Path:
+def one_line(exc: Exception) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+def failed_state(exc: Exception):
+    """The flow run's Failed state for a fidel failure: the one-line reason as its message. A direct call of the
+    flow still raises exc."""
+    from prefect.states import Failed
+
+    logger().error(one_line(exc))
+    return Failed(message=one_line(exc), data=exc)
+
+
+class OneLineFailures(logging.Filter):
+    """Prefect logs a failed task's or flow's exception with its traceback; for fidel's own failures (bad input,
+    a stage that stopped the run) the one-line reason is the whole story, in the UI and in a worker's log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from trainer.errors import FidelError
+
+        if record.exc_info and isinstance(record.exc_info[1], FidelError | StageFailed):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+for _name in ("prefect.task_runs", "prefect.flow_runs"):
+    logging.getLogger(_name).addFilter(OneLineFailures())
+
+
+def lineage_key(output_dir: str | Path) -> str:
+    """The lineage's part of Prefect artifact keys (lowercase letters, digits, dashes): the output dir's name and
+    a hash of its path, so two lineages never share an artifact's history."""
+    path = Path(output_dir).resolve()
+    slug = re.sub(r"[^a-z0-9]+", "-", path.name.lower()).strip("-")[:40] or "run"
+    return f"{slug}-{hashlib.sha256(str(path).encode()).hexdigest()[:6]}"
+
+
+def publish(stage: str, markdown: str, data: dict, output_dir: str | Path, tracker: Tracker | None,
+            details: str = "") -> Path:
+    """A narrow summary as the artifact `<lineage>-<stage>`; long text (reasons, evidence) as
+    `<lineage>-<stage>-details`. The report file and MLflow get both."""
     folder = Path(output_dir) / "reports"
     folder.mkdir(parents=True, exist_ok=True)
     md_path, json_path = folder / f"{stage}.md", folder / f"{stage}.json"
-    md_path.write_text(f"# {stage}\n\n{markdown}", encoding="utf-8")
+    title = f"# {stage}: {escape(Path(output_dir).name)}\n\n"
+    md_path.write_text(title + markdown + (f"\n## details\n\n{details}" if details else ""), encoding="utf-8")
     json_path.write_text(json.dumps(data, indent=2, default=str, ensure_ascii=False), encoding="utf-8")
-    create_markdown_artifact(markdown=f"# {stage}\n\n{markdown}", key=f"fidel-{stage}", description=f"fidel {stage}")
+    key = f"{lineage_key(output_dir)}-{stage}"
+    create_markdown_artifact(markdown=title + markdown, key=key, description=f"fidel {stage} of {output_dir}")
+    if details:
+        create_markdown_artifact(markdown=f"# {stage} details: {escape(Path(output_dir).name)}\n\n{details}",
+                                 key=f"{key}-details", description=f"fidel {stage} details of {output_dir}")
     if tracker is not None:
         tracker.log_artifact(md_path, "reports")
         tracker.log_artifact(json_path, "reports")

@@ -21,7 +21,8 @@ def tokenizer_verification(spec: RunSpec, texts: list[str], tracker: Tracker | N
     rows_ok = base_rows == base_size + 1
     markdown += (f"\n\nBase checkpoint text rows {base_rows} vs base tokenizer {base_size} pieces + 1: "
                  f"{'PASS' if rows_ok else 'FAIL'}\n")
-    publish("tokenizer", markdown, {**report.to_dict(), "base_rows_match": rows_ok}, spec.output_dir, tracker)
+    publish("tokenizer", markdown, {**report.to_dict(), "base_rows_match": rows_ok}, spec.output_dir, tracker,
+            details=report.details_markdown())
     for line in report.to_text().splitlines():
         logger().info(line)
     failed = [line.name for line in report.lines if not line.passed]

@@ -21,7 +21,15 @@ DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 DEFAULT_EXPERIMENT = "fidel"
 RUN_FILE = "mlflow_run.json"
 CANDIDATE_ALIAS = "candidate"
-EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the UI's model-training layout
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the experiment page's training layout
+DIGEST_CHARS = 16  # of a sha256: MLflow keeps at most 36 characters of a dataset digest
+EXPORT_MODEL_TAG = "export.model_id"
+
+
+def run_page(base: str, experiment_id: str, run_id: str) -> str:
+    """A run's page in the MLflow UI. workflowType picks the model-training layout: the UI otherwise opens in the
+    GenAI layout (its default, kept per browser), whatever the experiment's kind tag says."""
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def artifact_root_for(tracking_uri: str) -> str:
@@ -97,9 +105,6 @@ class Tracker:
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def has_artifact(self, artifact_path: str) -> bool:
-        return bool(self.client.list_artifacts(self.run_id, artifact_path))
-
     def log_text(self, text: str, name: str) -> None:
         self.client.log_text(self.run_id, text, name)
 
@@ -107,8 +112,31 @@ class Tracker:
         self.flush()
         self.client.set_terminated(self.run_id, status)
 
-    def url(self) -> str:
-        return f"http://127.0.0.1:5000/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+    def url(self) -> str | None:
+        """The run's page when the tracking URI is a server; None for a local store (see how_to_view)."""
+        if not self.tracking_uri.startswith(("http://", "https://")):
+            return None
+        return run_page(self.tracking_uri.rstrip("/"), self.experiment_id, self.run_id)
+
+    def how_to_view(self) -> str:
+        """One line that takes a user to the run: its URL, or the `mlflow ui` command and the page to open."""
+        if url := self.url():
+            return f"MLflow run {self.run_id}: {url}"
+        return (f"MLflow run {self.run_id}: mlflow ui --backend-store-uri {self.tracking_uri} --port 5000, then open "
+                + run_page("http://127.0.0.1:5000", self.experiment_id, self.run_id))
+
+    def describe(self, text: str) -> None:
+        """The run's description in the MLflow UI (markdown)."""
+        self.set_tags({"mlflow.note.content": text})
+
+    def log_dataset(self, name: str, digest: str, context: str, source: str, profile: dict) -> None:
+        """A dataset as a run input (the UI's Datasets), identified by its content hash and used as `context`."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        dataset = Dataset(name=name, digest=digest[:DIGEST_CHARS], source_type="local",
+                          source=json.dumps({"uri": source}), profile=json.dumps(profile))
+        self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
 
 class MetricLog:
@@ -221,15 +249,30 @@ def write_run_record(record: Path, run_id: str, experiment_id: str, tracking_uri
     record.write_text(json.dumps({"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": tracking_uri}))
 
 
-def log_export_once(tracker: Tracker, export_dir: Path, artifact_path: str = "export") -> None:
-    """The exported model is logged once per lineage: a re-run after a crash finds it and skips it."""
-    if not tracker.has_artifact(f"{artifact_path}/export.json"):
-        tracker.log_artifact(export_dir, artifact_path)
+def log_export_model(tracker: Tracker, export_dir: Path, name: str, step: int, metrics: dict[str, float]) -> str:
+    """The export as an MLflow LoggedModel of the run, its final metrics linked to it; returns its model id.
+
+    Once per lineage: a re-run after a crash finds the READY model by the run's tag and reuses it."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
+
+    client = tracker.client
+    model_id = tracker.tags().get(EXPORT_MODEL_TAG)
+    if model_id and client.get_logged_model(model_id).status == LoggedModelStatus.READY:
+        return model_id
+    model = client.create_logged_model(tracker.experiment_id, name=name, source_run_id=tracker.run_id,
+                                       model_type="indextts2-gpt", tags={"export.dir": str(export_dir)})
+    client.log_model_artifacts(model.model_id, str(export_dir))
+    now = int(time.time() * 1000)
+    client.log_batch(tracker.run_id, metrics=[Metric(f"final_{k}", float(v), now, step, model_id=model.model_id)
+                                              for k, v in metrics.items()])
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    client.log_outputs(tracker.run_id, [LoggedModelOutput(model.model_id, step)])
+    tracker.set_tags({EXPORT_MODEL_TAG: model.model_id})
+    return model.model_id
 
 
-def register_export(tracker: Tracker, name: str, alias: str = CANDIDATE_ALIAS,
-                    artifact_path: str = "export") -> str:
-    """Register the run's logged export as a version of `name` (once per run) and point `alias` at it."""
+def register_export(tracker: Tracker, name: str, model_id: str, alias: str = CANDIDATE_ALIAS) -> str:
+    """Register the run's logged export model as a version of `name` (once per run) and point `alias` at it."""
     from mlflow.exceptions import MlflowException
 
     client = tracker.client
@@ -242,8 +285,8 @@ def register_export(tracker: Tracker, name: str, alias: str = CANDIDATE_ALIAS,
     if versions:
         version = str(max(int(v.version) for v in versions))
     else:
-        source = f"{client.get_run(tracker.run_id).info.artifact_uri}/{artifact_path}"
-        version = str(client.create_model_version(name, source, run_id=tracker.run_id).version)
+        source = client.get_logged_model(model_id).artifact_location  # models:/ would resolve in the default store
+        version = str(client.create_model_version(name, source, run_id=tracker.run_id, model_id=model_id).version)
     client.set_registered_model_alias(name, alias, version)
     return version
 

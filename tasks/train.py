@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks.report import StageFailed, logger, publish_loss_curves
+from tasks.report import StageFailed, lineage_key, logger, publish_loss_curves
 from tasks.spec import RunSpec
 from tasks.tracking import MetricLog, Tracker
 from trainer.progress import Progress
@@ -19,8 +20,9 @@ from trainer.train import TrainHooks, TrainResult, train
 PROGRESS_UPDATE_S = 10.0
 
 
-def progress_hooks(tracker: Tracker | None, show_progress: bool, progress_artifact: bool = True) -> tuple[
+def progress_hooks(tracker: Tracker | None, show_progress: bool, progress_artifact: str | None = None) -> tuple[
         TrainHooks, list]:
+    """progress_artifact: the key of the Prefect progress artifact to keep up to date (None: no artifact)."""
     bar_holder: list = []
     artifact: dict = {"updated": 0.0}
     metric_log = MetricLog(tracker) if tracker is not None else None
@@ -42,10 +44,11 @@ def progress_hooks(tracker: Tracker | None, show_progress: bool, progress_artifa
                                                     "were logged by an earlier attempt and are kept, not re-logged"})
         if progress_artifact:
             artifact["id"] = create_progress_artifact(100.0 * start / max(1, info["total_steps"]),
-                                                      key="fidel-training-progress",
+                                                      key=progress_artifact,
                                                       description=f"training: step {start}/{info['total_steps']}")
-        if show_progress:  # a bar on a terminal, plain lines in a log
-            bar_holder.append(Progress("training", info["total_steps"], initial=start))
+        # a bar when asked for on a terminal; else periodic loss lines through the run logger (Prefect's UI)
+        bar_holder.append(Progress("training", info["total_steps"], initial=start, log=logger().info,
+                                   tty=show_progress and sys.stderr.isatty()))
 
     def on_progress(step: int, total: int, metrics: dict) -> None:
         if bar_holder:
@@ -99,7 +102,7 @@ def training(spec: RunSpec, data_dir: str, decision: dict, tracker: Tracker | No
     tc.resume = decision["checkpoint"] if decision["action"] == "resume" else None
     if tracker is not None:
         tracker.log_params({"train": {k: v for k, v in tc.to_dict().items() if k not in ("resume", "mlflow_run_id")}})
-    hooks, bars = progress_hooks(tracker, show_progress)
+    hooks, bars = progress_hooks(tracker, show_progress, f"{lineage_key(spec.output_dir)}-training-progress")
     hooks = with_validation_gates(hooks, tc, tracker)
     try:
         result = train(tc, hooks)

@@ -19,7 +19,7 @@ def settings(project, output_dir, mlflow_uri, **train):
 def test_flow_runs_all_stages_and_tracks_them(tiny_project, tmp_path, mlflow_uri):
     summary = finetune(settings=settings(tiny_project, tmp_path / "run", mlflow_uri))
     assert summary["status"] == "completed" and summary["step"] == 30
-    assert all(g["passed"] for g in summary["gates"])
+    assert all(g["passed"] or g["advisory"] for g in summary["gates"])
     for stage in ("data", "tokenizer", "triage", "gates"):
         assert (tmp_path / "run" / "reports" / f"{stage}.md").is_file()
     client = MlflowClient(mlflow_uri)

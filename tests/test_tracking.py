@@ -10,7 +10,8 @@ from tasks.report import plot_curves, publish_loss_curves
 from tasks.tracking import (
     RUN_FILE,
     MetricLog,
-    log_export_once,
+    Tracker,
+    log_export_model,
     open_run,
     register_export,
     start_system_metrics,
@@ -75,26 +76,44 @@ def test_metric_log_never_logs_a_step_twice_across_a_resume(tmp_path, mlflow_uri
     assert kept[25] == pytest.approx(1 / 25) and kept[35] == 2.0
 
 
-def test_export_is_logged_and_registered_once_with_the_candidate_alias(tmp_path, mlflow_uri):
+def test_export_is_logged_as_a_model_and_registered_once_with_the_candidate_alias(tmp_path, mlflow_uri):
     tracker = open_run(tmp_path / "out", mlflow_uri)
     export = tmp_path / "export"
     export.mkdir()
     (export / "export.json").write_text("{}")
     (export / "gpt.pth").write_bytes(b"weights")
     for _ in range(2):  # a re-run after a crash between logging and finishing
-        log_export_once(tracker, export)
-        version = register_export(tracker, "fidel-am")
+        model_id = log_export_model(tracker, export, "fidel-am", 40, {"val_mel_loss": 2.5})
+        version = register_export(tracker, "fidel-am", model_id)
     client = MlflowClient(mlflow_uri)
     assert version == "1"
     assert len(client.search_model_versions("name='fidel-am'")) == 1
     aliased = client.get_model_version_by_alias("fidel-am", "candidate")
-    assert str(aliased.version) == "1" and aliased.run_id == tracker.run_id
-    assert sorted(a.path for a in client.list_artifacts(tracker.run_id, "export")) == ["export/export.json",
-                                                                                      "export/gpt.pth"]
+    assert str(aliased.version) == "1" and aliased.run_id == tracker.run_id and model_id in aliased.source
+    model = client.get_logged_model(model_id)
+    assert model.source_run_id == tracker.run_id and str(model.status) == "READY"
+    assert [(m.key, m.value, m.step) for m in model.metrics] == [("final_val_mel_loss", 2.5, 40)]
+    assert sorted(a.path for a in client.list_logged_model_artifacts(model_id)) == ["export.json", "gpt.pth"]
+    assert [o.model_id for o in client.get_run(tracker.run_id).outputs.model_outputs] == [model_id]
     other = open_run(tmp_path / "other", mlflow_uri)
-    log_export_once(other, export)
-    assert register_export(other, "fidel-am") == "2"
+    other_model = log_export_model(other, export, "fidel-am", 40, {})
+    assert register_export(other, "fidel-am", other_model) == "2"
     assert client.get_model_version_by_alias("fidel-am", "candidate").run_id == other.run_id
+
+
+def test_the_run_links_to_its_dataset_description_and_ui_page(tmp_path, mlflow_uri):
+    tracker = open_run(tmp_path / "out", mlflow_uri)
+    tracker.log_dataset("out-train", "ab" * 32, "train", "/data/train.parquet", {"rows": 3})
+    tracker.log_dataset("out-val", "cd" * 32, "val", "/data/val.parquet", {"rows": 1})
+    tracker.describe("**lineage** out")
+    run = MlflowClient(mlflow_uri).get_run(tracker.run_id)
+    inputs = {d.dataset.name: (d.dataset.digest, d.tags[0].value) for d in run.inputs.dataset_inputs}
+    assert inputs == {"out-train": ("ab" * 8, "train"), "out-val": ("cd" * 8, "val")}
+    assert run.data.tags["mlflow.note.content"] == "**lineage** out"
+    assert tracker.url() is None and f"mlflow ui --backend-store-uri {mlflow_uri}" in tracker.how_to_view()
+    served = Tracker("http://mlflow.example:5000/", tracker.run_id, tracker.experiment_id, False)
+    assert served.url() == (f"http://mlflow.example:5000/#/experiments/{tracker.experiment_id}/runs/"
+                            f"{tracker.run_id}?workflowType=machine_learning")
 
 
 def test_system_metrics_resume_without_duplicate_steps(tmp_path, mlflow_uri):

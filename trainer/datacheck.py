@@ -483,27 +483,33 @@ class DataReport:
         lines += [f"FATAL: {f}" for f in self.fatal]
         return lines
 
-    def to_markdown(self, shown: int = 20) -> str:
+    def to_markdown(self) -> str:
+        """The verdict and narrow tables; what each check means and the row-level findings are in details_markdown."""
+        from trainer.markdown import escape, table
+
         verdict = "**PASSED**" if self.passed else "**FAILED**"
-        out = [f"{verdict}: data checks on {', '.join(f'{k}: {len(v)} manifest(s)' for k, v in self.manifests.items())}, "
-               f"tokenizer `{Path(self.tokenizer).name}` ({self.tokenizer_sha256[:12]}).", ""]
-        out += [f"- **FATAL:** {f}" for f in self.fatal] + ([""] if self.fatal else [])
+        out = [f"{verdict}: data checks on {escape(', '.join(f'{k}: {len(v)} manifest(s)' for k, v in self.manifests.items()))}, "
+               f"tokenizer {escape(Path(self.tokenizer).name)} ({self.tokenizer_sha256[:12]}).", ""]
+        out += [f"- **FATAL:** {escape(f)}" for f in self.fatal] + ([""] if self.fatal else [])
         names = list(self.splits)
-        out += ["| split | pairs | kept | dropped | repaired | speakers | pairs/speaker (min/median/max) | hours | "
-                "<unk> rate | no duration |", "|---" * 10 + "|"]
-        for name, s in self.splits.items():
-            pps = s.pairs_per_speaker
-            out.append(f"| {name} | {s.pairs} | {s.kept} | {s.dropped} | {s.repaired} | {s.speakers} | "
-                       f"{pps['min']:.0f}/{pps['median']:.0f}/{pps['max']:.0f} | {s.hours:.2f} | {s.unk_rate:.4f} | "
-                       f"{s.no_duration} |")
-        out += ["", "| check | action | " + " | ".join(names) + " | meaning |", "|---" * (3 + len(names)) + "|"]
-        for check, (action, meaning) in CHECKS.items():
-            counts = " | ".join(str(self.splits[n].counts.get(check, 0)) for n in names)
-            out.append(f"| {check} | {action} | {counts} | {meaning} |")
+        out.append(table(["split", "pairs", "kept", "dropped", "repaired", "speakers", "pairs/speaker min/median/max",
+                          "hours", "<unk> rate", "no duration"],
+                         [[name, s.pairs, s.kept, s.dropped, s.repaired, s.speakers,
+                           "/".join(f"{s.pairs_per_speaker[k]:.0f}" for k in ("min", "median", "max")),
+                           f"{s.hours:.2f}", f"{s.unk_rate:.4f}", s.no_duration] for name, s in self.splits.items()]))
+        out.append(table(["check", "action", *names], [[check, action, *(self.splits[n].counts.get(check, 0)
+                                                                         for n in names)]
+                                                        for check, (action, _) in CHECKS.items()]))
+        return "\n".join(out)
+
+    def details_markdown(self, shown: int = 20) -> str:
+        from trainer.markdown import bullets, escape
+
+        out = "What each check means:\n\n" + bullets([(check, meaning) for check, (_, meaning) in CHECKS.items()])
         if self.findings:
-            out += ["", f"First {min(shown, len(self.findings))} of {len(self.findings)} row-level findings:"]
-            out += [f"- `{f.text()}`" for f in self.findings[:shown]]
-        return "\n".join(out) + "\n"
+            out += f"\nFirst {min(shown, len(self.findings))} of {len(self.findings)} row-level findings:\n\n"
+            out += "".join(f"- {escape(f.text())}\n" for f in self.findings[:shown])
+        return out
 
 
 def summarise(rows: list[Row]) -> SplitSummary:
@@ -694,7 +700,7 @@ def write_report_files(report: DataReport, folder: Path, markdown: bool = True) 
     written = [write_problems(report.findings, folder / "data_problems.parquet"), *write_histograms(report, folder)]
     if markdown:
         md, js = folder / "data_check.md", folder / "data_check.json"
-        md.write_text("# data check\n\n" + report.to_markdown(), encoding="utf-8")
+        md.write_text(f"# data check\n\n{report.to_markdown()}\n## details\n\n{report.details_markdown()}", encoding="utf-8")
         js.write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False), encoding="utf-8")
         written += [md, js]
     return written

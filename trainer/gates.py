@@ -16,12 +16,16 @@ class GateResult:
     passed: bool
     value: str
     reason: str = ""
+    advisory: bool = False  # reported, but a FAIL does not fail the run
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def label(self) -> str:
+        return ("PASS" if self.passed else "FAIL") + (" (advisory)" if self.advisory else "")
+
     def line(self) -> str:
-        return f"{'PASS' if self.passed else 'FAIL'} {self.name}: {self.value}" + (f" ({self.reason})" if self.reason else "")
+        return f"{self.label()} {self.name}: {self.value}" + (f" ({self.reason})" if self.reason else "")
 
 
 def base_intact(expected_sha256: str, actual_sha256: str) -> GateResult:
@@ -64,19 +68,38 @@ def text_loss_gate(text_loss: float, step: int, threshold: float, by_step: int) 
 
 
 def all_passed(results: list[GateResult]) -> bool:
-    return all(r.passed for r in results)
+    return all(r.passed or r.advisory for r in results)
+
+
+def advisory_failures(results: list[GateResult]) -> list[str]:
+    return [r.name for r in results if r.advisory and not r.passed]
+
+
+def verdict(results: list[GateResult]) -> str:
+    """The report's headline, as the MLflow tags say it: `gates` PASS or FAIL (enforced gates), `gates.advisory`."""
+    advisory = advisory_failures(results)
+    return ("PASS" if all_passed(results) else "FAIL") + (f"; advisory FAIL: {', '.join(advisory)}" if advisory else "")
 
 
 def first_failure(results: list[GateResult]) -> str:
     for r in results:
-        if not r.passed:
+        if not r.passed and not r.advisory:
             return f"gate {r.name} failed: {r.value}" + (f" ({r.reason})" if r.reason else "")
     return ""
 
 
 def report_markdown(results: list[GateResult]) -> str:
-    rows = "\n".join(f"| {r.name} | {'PASS' if r.passed else 'FAIL'} | {r.value} | {r.reason} |" for r in results)
-    return "| gate | result | value | reason |\n|---|---|---|---|\n" + rows + "\n"
+    """The verdict and a narrow table; the reasons are in reasons_markdown."""
+    from trainer.markdown import escape, table
+
+    return (f"**Gates: {escape(verdict(results))}**\n\n"
+            + table(["gate", "result", "value"], [[r.name, r.label(), r.value] for r in results]))
+
+
+def reasons_markdown(results: list[GateResult]) -> str:
+    from trainer.markdown import bullets
+
+    return bullets([(f"{r.name} ({r.label()})", f"{r.value}. {r.reason}" if r.reason else r.value) for r in results])
 
 
 def exported_base_rows_identical(base_path, exported_path, base_rows: int) -> GateResult:

@@ -332,11 +332,17 @@ class VerifyReport:
         return "\n".join(line.to_text() for line in self.lines)
 
     def to_markdown(self) -> str:
-        rows = ["| check | result | value | detail |", "|---|---|---|---|"]
-        for line in self.lines:
-            cells = [line.name, "PASS" if line.passed else "FAIL", line.value, line.detail]
-            rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-        return "\n".join(rows)
+        """A table of cells cut to fit; the whole details are in details_markdown."""
+        from trainer.markdown import table
+
+        return table(["check", "result", "value", "detail"],
+                     [[line.name, "PASS" if line.passed else "FAIL", line.value, line.detail] for line in self.lines])
+
+    def details_markdown(self) -> str:
+        from trainer.markdown import bullets
+
+        return bullets([(line.name, f"{line.value}. {line.detail}" if line.detail else line.value)
+                        for line in self.lines])
 
 
 def piece_key(p) -> tuple:

@@ -110,11 +110,18 @@ class Decision:
         return json.dumps(self.to_dict(), indent=2, default=str)
 
     def to_markdown(self) -> str:
-        rows = "\n".join(f"| {Path(c.path).name} | {c.kind} | {c.step} | {c.finding or ('valid' if c.valid else 'invalid')}"
-                         f" | {c.decision} | {c.detail} |" for c in self.candidates)
-        table = ("| checkpoint | kind | step | finding | decision | evidence |\n|---|---|---|---|---|---|\n"
-                 + (rows or "| (none) ||||||\n"))
-        return f"**Decision: {self.action}**: {self.reason}\n\n{table}\n"
+        """The decision and a narrow table; each candidate's evidence is in details_markdown."""
+        from trainer.markdown import escape, table
+
+        rows = [[Path(c.path).name, c.kind, c.step, c.finding or ("valid" if c.valid else "invalid"), c.decision]
+                for c in self.candidates] or [["(none)", "", "", "", ""]]
+        return (f"**Decision: {escape(self.action)}**: {escape(self.reason)}\n\n"
+                + table(["checkpoint", "kind", "step", "finding", "decision"], rows))
+
+    def details_markdown(self) -> str:
+        from trainer.markdown import bullets
+
+        return bullets([(Path(c.path).name, c.detail) for c in self.candidates if c.detail])
 
 
 # ----------------------------------------------------------------------------- evidence
