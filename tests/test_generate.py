@@ -82,3 +82,13 @@ def test_decoding_stops_on_the_stop_code_and_matches_the_training_forward():
         model.mel_head.bias[model.cfg.stop_mel_token] = 1e4
     stopped = greedy_codes(model, text, cond, emo, max_codes=12)
     assert stopped.stopped and stopped.codes == []
+
+
+def test_the_smoke_gate_names_the_decode_it_judged():
+    from trainer.gates import inference_smoke
+    from trainer.generate import DECODES, DEFAULT_DECODE
+
+    assert DEFAULT_DECODE == "indextts2" and set(DECODES) == {"indextts2", "training"}
+    gate = inference_smoke([(50, True, 48)], decode=DEFAULT_DECODE)
+    assert gate.passed and gate.value.endswith("decode indextts2") and "decode indextts2" in gate.line()
+    assert "decode training" in inference_smoke([], decode="training").value
