@@ -12,11 +12,14 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +131,7 @@ class Outcome:
     traceback: bool
     changed: list[str]
     stderr: str
+    stdout: str = ""
 
 
 def hashes(root: Path) -> dict[Path, str]:
@@ -166,7 +170,7 @@ def run_case(case: Case, ws: Workspace) -> Outcome:
     text = err.getvalue()
     lines = [line for line in text.splitlines() if line.strip()]
     return Outcome(code, lines[-1] if lines else "", "Traceback (most recent call last)" in text,
-                   changed_files(before, case.may_change), text)
+                   changed_files(before, case.may_change), text, out.getvalue())
 
 
 # ----------------------------------------------------------------------------- the cases
@@ -260,7 +264,7 @@ def resume_args(ws: Workspace, resume: str, *extra: str) -> list[str]:
 
 
 def full_disk(ws: Workspace) -> list[str]:
-    """Room for the up-front check (one checkpoint) and the first save, not for the second."""
+    """Room for the up-front check (one checkpoint) and a save or two, not for all four."""
     from trainer.checkpoint import latest_valid_checkpoint
 
     size = newest(ws).stat().st_size + newest(ws).with_suffix(".json").stat().st_size
@@ -431,7 +435,7 @@ CASES: list[Case] = [
          "does not extend base tokenizer"),
     Case("base tokenizer missing", "tokenizers", flag("--base-tokenizer", "/nonexistent/base.model"),
          "tokenizer model not found"),
-    Case("tokenizer smaller than the base", "tokenizers",
+    Case("base tokenizer given as --tokenizer", "tokenizers",
          lambda ws: ws.train_args("--tokenizer", str(ws.project.base_tokenizer)), "text id"),
 
     # --- configs
@@ -486,7 +490,7 @@ CASES: list[Case] = [
          "output dir is not writable (Read-only file system)"),
     Case("disk too small for one checkpoint", "outputs", train_into(lambda ws: ws.tmpfs("tiny", "64k")),
          "one checkpoint needs about"),
-    Case("disk full at the second save", "faults", full_disk, "no space left on device"),
+    Case("disk full at a later save", "faults", full_disk, "no space left on device"),
     Case("export into a read-only folder", "outputs",
          lambda ws: export_args(ws, ws.tmpfs("ro_export", "1m", read_only=True) / "export"), "not writable"),
 
@@ -527,13 +531,11 @@ CASES: list[Case] = [
 
 # ----------------------------------------------------------------------------- fixtures
 
-@pytest.fixture(scope="session")
-def trained_template(tiny_project_template, tmp_path_factory):
+def train_template(project, folder: Path) -> Path:
     """A finished tiny run: checkpoints at steps 2 and 4."""
     from flows.cli import main
 
-    folder = tmp_path_factory.mktemp("trained") / "run"
-    p = tiny_project_template
+    p = project
     argv = ["train", "--train-manifest", str(p.train_manifest), "--val-manifest", str(p.val_manifest),
             "--tokenizer", str(p.tokenizer), "--config", str(p.base_config), "--base-checkpoint",
             str(p.base_checkpoint), "--output-dir", str(folder), "--max-steps", str(TINY_STEPS), "--batch-size", "8",
@@ -543,14 +545,28 @@ def trained_template(tiny_project_template, tmp_path_factory):
     return folder
 
 
-@pytest.fixture
-def workspace(tiny_project, trained_template, tmp_path):
-    trained = tmp_path / "trained"
+def new_workspace(project_template, trained_template: Path, root: Path) -> Workspace:
+    """Private copies of the tiny project and the trained run under root, the run pointing at the copy."""
+    shutil.copytree(project_template.root, root / "project")
+    moved = {k: root / "project" / Path(v).relative_to(project_template.root)
+             for k, v in vars(project_template).items()
+             if isinstance(v, Path) and Path(v).is_relative_to(project_template.root)}
+    project = replace(project_template, **moved)
+    trained = root / "trained"
     shutil.copytree(trained_template, trained)
-    ws = Workspace(tmp_path, tiny_project, trained)
-    # the trained run recorded the template's tokenizer and config: point it at this copy's
-    for sidecar_state in trained.glob("ckpt-step*.pt"):
-        retarget(sidecar_state, tiny_project)
+    for checkpoint in trained.glob("ckpt-step*.pt"):
+        retarget(checkpoint, project)
+    return Workspace(root, project, trained)
+
+
+@pytest.fixture(scope="session")
+def trained_template(tiny_project_template, tmp_path_factory):
+    return train_template(tiny_project_template, tmp_path_factory.mktemp("trained") / "run")
+
+
+@pytest.fixture
+def workspace(tiny_project_template, trained_template, tmp_path):
+    ws = new_workspace(tiny_project_template, trained_template, tmp_path)
     yield ws
     ws.unmount()
 
@@ -588,3 +604,100 @@ def test_bad_input(case: Case, workspace: Workspace):
     assert outcome.changed == [], outcome.changed
     check = getattr(workspace, "case_check", None)
     assert check is None or check(), "the newest valid checkpoint did not survive"
+
+
+# ----------------------------------------------------------------------------- real faults: signals, a second process
+
+def start_training(ws: Workspace, *extra: str) -> subprocess.Popen:
+    """A long `fidel train` in its own process, started once its first step is logged."""
+    args = [*ws.train_args("--max-steps", "100000", "--log-interval", "1", *extra)]
+    proc = subprocess.Popen(FIDEL + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    for line in proc.stdout:
+        if line.startswith("saved ") or time.monotonic() > deadline:
+            break
+    return proc
+
+
+def finish(proc: subprocess.Popen, sig: int) -> tuple[int, str]:
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+def sigkill_mid_save(ws: Workspace) -> Outcome:
+    """SIGKILL while checkpoints are written every step; the same command with --resume auto continues."""
+    proc = start_training(ws, "--save-every", "1", "--keep-checkpoints", "2")
+    time.sleep(0.5)
+    finish(proc, signal.SIGKILL)
+    from trainer.checkpoint import latest_valid_checkpoint
+
+    saved, _ = latest_valid_checkpoint(ws.out)
+    step = int(saved.stem.removeprefix("ckpt-step"))
+    resume = Case("", "", lambda w: w.train_args("--resume", "auto", "--max-steps", str(step + 2)), "",
+                  may_change=("ckpt-step*",))  # pruned as --keep-checkpoints says
+    outcome = run_case(resume, ws)
+    leftovers = [p.name for p in ws.out.glob(".ckpt-step*.tmp")]
+    return replace(outcome, changed=outcome.changed + leftovers)
+
+
+def sigterm_keep_zero(ws: Workspace) -> Outcome:
+    """--keep-checkpoints 0 then SIGTERM: the checkpoint announced is the one kept, and the resume starts there."""
+    proc = start_training(ws, "--keep-checkpoints", "0", "--save-every", "3")
+    code, err = finish(proc, signal.SIGTERM)
+    from trainer.checkpoint import latest_valid_checkpoint
+
+    saved, _ = latest_valid_checkpoint(ws.out)
+    lines = [line for line in err.splitlines() if line.strip()]
+    if code != 75 or saved is None:
+        return Outcome(code, lines[-1] if lines else "", "Traceback (most recent call last)" in err, [], err)
+    step = int(saved.stem.removeprefix("ckpt-step"))
+    resume = Case("", "", lambda w: w.train_args("--resume", "auto", "--max-steps", str(step + 1),
+                                                 "--keep-checkpoints", "0"), "", may_change=("ckpt-step*",))
+    outcome = run_case(resume, ws)
+    resumed = step > 0 and f"completed at step {step + 1}/" in outcome.stdout
+    return replace(outcome, last_line=f"resumed from step {step}" if resumed else outcome.last_line)
+
+
+def concurrent_train(ws: Workspace) -> Outcome:
+    """A second `fidel train` into the output dir another one is writing: one line, nothing touched."""
+    proc = start_training(ws, "--save-every", "1000")
+    try:
+        return run_case(Case("", "", lambda w: w.train_args("--resume", "auto"), ""), ws)
+    finally:
+        finish(proc, signal.SIGTERM)
+
+
+def sigkill_mid_export(ws: Workspace) -> Outcome:
+    """SIGKILL an export at some point of its run; the next export into that folder then works or says why."""
+    out = ws.root / "export"
+    proc = subprocess.Popen(FIDEL + export_args(ws, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None and not any(out.glob(".gpt.pth.*.tmp")):
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    if (out / "export.json").exists():  # it finished first: start over from the folder it left
+        shutil.rmtree(out)
+    return run_case(Case("", "", lambda w: export_args(w, out), "", may_change=(".gpt.pth.*.tmp",)), ws)
+
+
+# name, kind, run, exit code, in the last stderr line
+FAULTS = [
+    ("SIGKILL mid-save, then --resume auto", "faults", sigkill_mid_save, 0, ""),
+    ("--keep-checkpoints 0, SIGTERM, resume", "faults", sigterm_keep_zero, 0, "resumed from step"),
+    ("two fidel train on one output dir", "faults", concurrent_train, 2, "in use by another fidel"),
+    ("SIGKILL mid-export, export again", "faults", sigkill_mid_export, 0, ""),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, kind, run, code, expect", FAULTS, ids=[f[0] for f in FAULTS])
+def test_fault(name, kind, run, code, expect, workspace: Workspace):
+    outcome = run(workspace)
+    assert not outcome.traceback, outcome.stderr
+    assert outcome.code == code, outcome.stderr
+    assert expect in outcome.last_line, (outcome.last_line, outcome.stderr)
+    assert outcome.changed == [], outcome.changed
