@@ -153,12 +153,16 @@ def cmd_run(args) -> int:
 
 
 def print_summary(summary: dict) -> None:
+    """Every gate, advisory ones marked, and the way to the MLflow run."""
+    from tasks.tracking import Tracker
+    from trainer.gates import GateResult
+
     print(f"\nMLflow run {summary['mlflow_run_id']} (experiment {summary['experiment_id']})")
     for gate in summary["gates"]:
-        print(f"  {'PASS' if gate['passed'] else 'FAIL'} {gate['name']}: {gate['value']}")
+        print(f"  {GateResult(**gate).line()}")
     print(f"exported model: {summary['export_dir']}")
-    print(f"see it: .venv/bin/mlflow ui --backend-store-uri {summary['tracking_uri']} --port 5000, then open "
-          f"http://127.0.0.1:5000/#/experiments/{summary['experiment_id']}/runs/{summary['mlflow_run_id']}")
+    tracker = Tracker(summary["tracking_uri"], summary["mlflow_run_id"], summary["experiment_id"], resumed=False)
+    print(tracker.how_to_view())
 
 
 def cmd_options(args) -> int:
