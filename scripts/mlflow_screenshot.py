@@ -52,7 +52,7 @@ def page_url(base: str, page: str, experiment_id: str, run_id: str, metric: str)
                  "&last_linear_y_axis_range=[]")
         return f"{base}/#/metric?{query.replace(' ', '')}"
     tab = "/model-metrics" if page == "model-metrics" else ""
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}{tab}"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}{tab}?workflowType=machine_learning"  # training layout
 
 
 def wait_until_up(url: str, server: subprocess.Popen, timeout: float = 90) -> None:
@@ -67,6 +67,17 @@ def wait_until_up(url: str, server: subprocess.Popen, timeout: float = 90) -> No
         except OSError:
             time.sleep(0.5)
     sys.exit(f"error: mlflow ui did not answer at {url} within {timeout:.0f} s")
+
+
+def stop(process: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM to the process group started with start_new_session, SIGKILL after timeout."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def chromium() -> str:
@@ -113,12 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         width, height = (int(v) for v in args.size.split("x"))
         screenshot(url, Path(args.out), width, height, args.wait_ms)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop(server)
     print(f"{args.out}: {url}")
     return 0
 

@@ -115,3 +115,15 @@ def test_a_lineage_tells_its_story_in_both_uis(tiny_project, tmp_path, mlflow_ur
     note = tags["mlflow.note.content"]
     assert note.startswith("**fidel lineage out: completed**") and "- triage: fresh" in note and "- gates: PASS" in note
     check_renders(note)
+
+
+def test_the_final_summary_lists_every_gate_advisory_ones_marked(capsys):
+    from flows.cli import print_summary
+
+    gates = [GateResult("finite", True, "all finite").to_dict(),
+             GateResult("inference_smoke", False, "0/4 stopped", advisory=True).to_dict()]
+    print_summary({"mlflow_run_id": "abc", "experiment_id": "1", "gates": gates, "export_dir": "/x/export",
+                   "tracking_uri": "sqlite:///mlruns/mlflow.db"})
+    out = capsys.readouterr().out
+    assert "  PASS finite: all finite\n" in out and "  FAIL (advisory) inference_smoke: 0/4 stopped\n" in out
+    assert "#/experiments/1/runs/abc?workflowType=machine_learning" in out
