@@ -121,10 +121,7 @@ class FeatureModels:
 
     @classmethod
     def load(cls, paths: ModelPaths, device: torch.device) -> FeatureModels:
-        from transformers.utils import logging
-
-        logging.set_verbosity_error()  # stand-in configs make it warn about token ids the GPT never uses here
-        logging.disable_progress_bar()
+        quiet_transformers()
         files = paths.files()
         raw = read_config_yaml(files["config"])
         extractor, w2v = load_w2v_bert(paths.w2v_bert)
@@ -135,6 +132,14 @@ class FeatureModels:
         gpt = load_conditioning_gpt(raw["gpt"], files["gpt"])
         return cls(extractor, w2v.to(device), stats["mean"].float().to(device),
                    torch.sqrt(stats["var"].float()).to(device), codec.to(device), gpt.to(device), device)
+
+
+def quiet_transformers() -> None:
+    """No progress bars, and no warnings about GPT-2 token ids the conditioning path never uses."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
 
 
 def load_w2v_bert(folder: Path):
@@ -254,6 +259,7 @@ def write_tiny_models(folder: Path, model_dim: int, codebook: int, seed: int = 0
     from omegaconf import OmegaConf
     from transformers import SeamlessM4TFeatureExtractor, Wav2Vec2BertConfig, Wav2Vec2BertModel
 
+    quiet_transformers()
     paths = ModelPaths(folder / "checkpoints", folder / "w2v-bert-2.0", folder / "semantic_codec.safetensors")
     paths.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
