@@ -162,3 +162,39 @@ def test_community_spellings_reach_the_same_option(tmp_path, monkeypatch):
     assert main([*base, "--grad-checkpointing", "--amp", "--save-every", "7", "--max-steps", "0", "--no-keep-best"]) == 0
     tc = seen[0]
     assert (tc.activation_checkpointing, tc.amp, tc.save_interval, tc.max_steps, tc.keep_best) == (True, "auto", 7, None, False)
+
+
+def test_progress_is_plain_lines_off_a_terminal(monkeypatch):
+    import io
+    import itertools
+
+    import trainer.progress as progress
+
+    clock = itertools.chain([0.0, 1.0, 31.0, 40.0, 41.0], itertools.count(100.0))
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    stream = io.StringIO()
+    bar = progress.Progress("training", 4, stream=stream, every_s=30.0)
+    for step in (1, 2, 3, 4):
+        bar.update(step, {"train_text_loss": 1.5, "train_mel_loss": 2.25})
+    bar.close()
+    assert stream.getvalue().splitlines() == ["training: step 2/4 (50%) text loss 1.500, mel loss 2.250",
+                                              "training: step 4/4 (100%) text loss 1.500, mel loss 2.250"]
+    lines = []
+    progress.Progress("training", 4, stream=io.StringIO(), log=lines.append, every_s=0).update(1, {})
+    assert lines == ["training: step 1/4 (25%)"]
+
+
+@pytest.mark.slow
+def test_a_failing_run_ends_with_fidels_line(tiny_project, tmp_path):
+    import yaml
+
+    settings = tiny_project.flow_settings(tmp_path / "out", f"sqlite:///{tmp_path}/mlflow.db", max_steps=2)
+    broken = tmp_path / "broken.model"
+    broken.write_bytes(b"not a model")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({**settings, "tokenizer": str(broken)}))
+    done = subprocess.run([*FIDEL, "run", "--config", str(tmp_path / "run.yaml")], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=600)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and lines[-1].startswith(f"error: {broken}: not a sentencepiece model"), done.stderr
+    assert "Traceback" not in done.stderr and "temporary server" not in done.stderr
+    assert "not a sentencepiece model" in (tmp_path / "out" / "logs" / "prefect.log").read_text()

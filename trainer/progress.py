@@ -35,8 +35,10 @@ class Progress:
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix_str(loss_text(metrics))
-        elif step >= self.total or time.monotonic() - self.last_line >= self.every_s:
-            self.last_line = time.monotonic()
+            return
+        now = time.monotonic()
+        if step >= self.total or now - self.last_line >= self.every_s:
+            self.last_line = now
             share = 100.0 * step / max(1, self.total)
             self.log(f"{self.label}: step {step}/{self.total} ({share:.0f}%) {loss_text(metrics)}".rstrip())
 
