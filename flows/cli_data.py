@@ -116,7 +116,8 @@ def run_prepare(args: argparse.Namespace) -> int:
     for d in result.dropped[:args.show]:
         print(f"  {d['where']}: utterance {d['id']}: {d['check']}: {d['detail']} [dropped before features]")
     if len(result.dropped) > args.show:
-        print(f"  … {len(result.dropped) - args.show} more dropped utterances (dataset.json: prepare.dropped_by_check)")
+        print(f"  … {len(result.dropped) - args.show} more dropped utterances "
+              "(counts in dataset.json: prepare.dropped_by_check)")
     from trainer.datacheck import write_report_files
 
     written = write_report_files(result.report, args.out / "report")
@@ -133,8 +134,8 @@ def add_prepare_command(subparsers) -> None:
     from trainer.options import add_flags
     from trainer.prepare import PrepareSettings
 
-    p = subparsers.add_parser("prepare", help="audio + transcripts → features → the paired Parquet dataset training "
-                                              "reads (upstream's w2v-BERT, codec and conditioning)")
+    p = subparsers.add_parser("prepare", help="audio + transcripts → features → the paired Parquet dataset "
+                                              "training reads (upstream's w2v-BERT, codec and conditioning)")
     p.add_argument("--train", nargs="+", action="extend", required=True, metavar="MANIFEST[::lang]",
                    help="utterance manifest(s), JSONL or CSV with id, text, audio, speaker (language)")
     p.add_argument("--val", nargs="+", action="extend", default=[], metavar="MANIFEST[::lang]")

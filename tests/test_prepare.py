@@ -63,7 +63,7 @@ def test_features_equal_what_indextts2_inference_computes(tiny_models, tmp_path)
     with torch.no_grad():
         emb = tts._get_emotion_conditioning(str(wav))
         _, upstream_codes = tts.semantic_codec.quantize(emb)[::-1]
-        lengths = torch.tensor([emb.shape[-1]])  # upstream passes the feature width here; any length ≥ T masks nothing
+        lengths = torch.tensor([emb.shape[-1]])  # upstream passes the width here: any length ≥ T masks nothing
         upstream_emo = tts.gpt.merge_emovec(emb, emb, lengths, lengths, alpha=1.0)
         tts.gpt.post_init_gpt2_config(kv_cache=True)
         _, upstream_condition = tts.gpt.inference_speech(emb, torch.tensor([[5, 6, 7]]), emb, cond_lengths=lengths,

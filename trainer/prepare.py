@@ -22,6 +22,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,6 +58,7 @@ UTTERANCE_FIELDS = ("id", "text", "audio", "speaker")
 PREPARE_PATHS = ("checkpoint_dir", "w2v_bert", "codec")  # resolved against run.yaml's folder
 SHARDS = "shards"
 FEATURES_JSON = "features.json"
+AUDIO_THREADS = 4
 
 
 @dataclass
@@ -180,7 +182,11 @@ def digest(parts: dict) -> str:
 
 def features_fingerprint(splits: dict[str, list[str]], settings: PrepareSettings, model_files: dict[str, Path]) -> str:
     """What the shards depend on: manifests, model files, audio limits and the shard layout."""
-    return digest({"manifests": {k: [[s, sha256_file(split_manifest_spec(s)[0])] for s in v] for k, v in splits.items()},
+    def manifest(spec: str) -> list:  # content and `::lang`, not how the path is spelled
+        path, lang = split_manifest_spec(spec)
+        return [sha256_file(path), lang]
+
+    return digest({"manifests": {k: [manifest(s) for s in v] for k, v in splits.items()},
                    "models": {k: file_stamp(p) for k, p in sorted(model_files.items())},
                    "limits": asdict(settings.limits), "shard_size": settings.shard_size})
 
@@ -279,8 +285,9 @@ def run_shard(job: ShardJob, models: FeatureModels, settings: PrepareSettings, s
     rows = rows_of(read_arrow(job.partial_path)) if job.partial_path.is_file() else []
     have = {r["id"] for r in rows}
     loaded, dropped = [], []
-    for u in job.utterances:
-        wave, problem = read_audio(u.audio, settings.limits)
+    with ThreadPoolExecutor(AUDIO_THREADS) as pool:  # decoding and resampling release the GIL
+        audio = list(pool.map(lambda u: read_audio(u.audio, settings.limits), job.utterances))
+    for u, (wave, problem) in zip(job.utterances, audio, strict=True):
         if problem:
             dropped.append({"id": u.id, "where": f"{u.manifest}:{u.line}", "check": problem[0], "detail": problem[1]})
         else:
@@ -300,7 +307,8 @@ def run_shard(job: ShardJob, models: FeatureModels, settings: PrepareSettings, s
             write_arrow(job.partial_path, rows, schema)
             return False, computed
     write_arrow(job.data_path, rows, schema)
-    atomic_write_json(job.done_path, {"rows": len(rows), "dropped": dropped, "sha256": sha256_file(job.data_path)})
+    atomic_write_json(job.done_path, {"rows": len(rows), "dropped": dropped, "bytes": job.data_path.stat().st_size,
+                                      "sha256": sha256_file(job.data_path)})
     job.partial_path.unlink(missing_ok=True)
     return True, computed
 
@@ -310,8 +318,8 @@ def read_done(job: ShardJob) -> dict | None:
         done = json.loads(job.done_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
-    if not job.data_path.is_file() or sha256_file(job.data_path) != done.get("sha256"):
-        return None  # a shard file that is not the one recorded: compute it again
+    if not job.data_path.is_file() or job.data_path.stat().st_size != done.get("bytes"):
+        return None  # not the shard file recorded (both are written atomically): compute it again
     return done
 
 
@@ -389,12 +397,13 @@ def rank_env() -> Dist:
                 int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def resolve_device(name: str, env: Dist) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+def prepare_device(name: str, env: Dist) -> torch.device:
+    """Training's device rule (one GPU per rank); CUDA asked for where there is none is a bad input."""
+    from trainer.train import resolve_device
+
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise FidelError(None, f"device {name!r}: CUDA is not available here")
-    return torch.device("cuda", env.local_rank) if name == "cuda" else torch.device(name)
+    return resolve_device(name, env)
 
 
 def claim_shards(out_dir: Path, fingerprint: str) -> Path:
@@ -428,10 +437,10 @@ def prepare(splits: dict[str, list[str]], tokenizer: str | Path, config: str | P
     utterances = read_splits(splits)
     ctx = CheckContext.from_paths(tokenizer, config, checks)
     base = read_config_yaml(model_files["config"])["gpt"]
-    if base["model_dim"] != ctx.cfg.model_dim:
-        raise FidelError(model_files["config"], f"gpt.model_dim {base['model_dim']} but the training config {config} "
-                                                f"has {ctx.cfg.model_dim}: conditioning would not fit")
-    device = resolve_device(settings.device, env)
+    if base.get("model_dim") != ctx.cfg.model_dim:
+        raise FidelError(model_files["config"], f"gpt.model_dim {base.get('model_dim')} but the training config "
+                                                f"{config} has {ctx.cfg.model_dim}: conditioning would not fit")
+    device = prepare_device(settings.device, env)
     features_fp = features_fingerprint(splits, settings, model_files)
     fingerprint = dataset_fingerprint(features_fp, tokenizer, config, settings, checks)
     info = read_dataset_info(out_dir)
