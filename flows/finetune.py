@@ -21,7 +21,7 @@ from prefect.runtime import deployment, flow_run
 from prefect.states import Completed
 
 from tasks.data import data_checks
-from tasks.gates import GatesFailed, evaluation_gates
+from tasks.gates import GatesFailed, data_dir_of, evaluation_gates
 from tasks.lineage import (
     Attempt,
     CrashLoop,
@@ -51,33 +51,40 @@ class Preempted(StageFailed):
 @flow(name="fidel-finetune")
 def finetune(run_config: str | None = None, settings: dict | None = None, show_progress: bool = False,
              resume: str | None = None, max_resume_attempts: int = 3, resume_window_minutes: float = 60.0,
-             only_resume: bool = False):
+             only_resume: bool = False, node_rank: int | None = None):
     """resume: None keeps the run file's setting; "auto" continues from the newest valid checkpoint (fresh when
     there is none); a path resumes that checkpoint. More than max_resume_attempts resumes within
     resume_window_minutes is a crash loop: the run fails instead of resuming again. only_resume (the resume
     schedule): no run file, or a lineage not started yet, ends Completed with a message saying what to configure.
-    A fidel failure ends the flow run Failed with its one-line reason as the state message."""
+    A fidel failure ends the flow run Failed with its one-line reason as the state message. node_rank: this
+    machine's in a multi-node training (the run file's launch.node_rank otherwise): node 0 runs every stage, the
+    others only join its training (docs/deployments.md)."""
     try:
         return start_or_resume(run_config, settings, show_progress, resume, max_resume_attempts,
-                               resume_window_minutes, only_resume)
+                               resume_window_minutes, only_resume, node_rank)
     except (FidelError, StageFailed) as exc:
         return failed_state(exc)
 
 
 def start_or_resume(run_config: str | None, settings: dict | None, show_progress: bool, resume: str | None,
-                    max_resume_attempts: int, resume_window_minutes: float, only_resume: bool):
+                    max_resume_attempts: int, resume_window_minutes: float, only_resume: bool,
+                    node_rank: int | None = None):
     if only_resume and not (run_config and Path(run_config).is_file()):
         return nothing_to_resume(f"no run file {run_config or '(run_config not set)'}: set this deployment's "
                                  "run_config parameter to your run.yaml (docs/deployments.md)")
     spec = load_run_spec(run_config) if run_config else run_spec_from_dict(settings or {}, Path.cwd() / "run.yaml")
     if resume is not None:
         spec.resume = resume
+    if node_rank is not None:
+        spec.launch = {**spec.launch, "node_rank": node_rank}
+    this_node = spec.launch_options().node_rank
+    follower = this_node > 0
     if only_resume and not started(Path(spec.output_dir)):
         return nothing_to_resume(f"lineage {spec.output_dir} not started yet: start it with `prefect deployment run "
                                  f"fidel-finetune/finetune -p run_config={run_config}`; this schedule only resumes")
     run_id = flow_run.id
-    try:
-        lock = OutputDirLock(spec.output_dir, run_id).acquire()
+    try:  # another machine of a multi-node training holds a lock of its own, beside node 0's
+        lock = OutputDirLock(Path(spec.output_dir) / (f"node-{this_node}" if follower else ""), run_id).acquire()
     except AlreadyRunning as busy:
         get_run_logger().info("%s; nothing to do", busy)
         holder = vars(busy.holder) if busy.holder else None
@@ -85,9 +92,26 @@ def start_or_resume(run_config: str | None, settings: dict | None, show_progress
                          data={"status": "already_running", "output_dir": spec.output_dir, "holder": holder,
                                "message": str(busy)})
     try:
+        if follower:
+            return follow(spec)
         return run_lineage(spec, lock, run_id, show_progress, max_resume_attempts, resume_window_minutes)
     finally:
         lock.release()
+
+
+def follow(spec: RunSpec):
+    """Node R > 0 of a multi-node training: no stages and no MLflow run of its own. Its processes join node 0's
+    rendezvous (node 0 arrives once its data checks and triage are done) and stop when node 0's training does;
+    rank 0, on node 0, decides fresh or resume for every rank."""
+    finished = read_finished(Path(spec.output_dir))
+    if finished:
+        message = f"lineage already finished ({finished['status']}): nothing to join"
+        get_run_logger().info(message)
+        return Completed(message=message, data={"status": "already_finished", "output_dir": spec.output_dir})
+    result = training(spec, str(data_dir_of(spec)), {"action": "fresh"}, None)
+    if result.status == "preempted":
+        raise Preempted(f"preempted at step {result.step}/{result.total_steps}, resumable: {result.reason}")
+    return {"status": result.status, "node_rank": spec.launch_options().node_rank, "step": result.step}
 
 
 def nothing_to_resume(message: str) -> Completed:

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from trainer.errors import FidelError
-from trainer.options import TrainConfig, check, from_mapping, option, same_as, section
+from trainer.options import LaunchOptions, TrainConfig, check, from_mapping, option, same_as, section
 from trainer.prepare import PREPARE_PATHS, PrepareSettings
 
 INPUTS = ("tokenizer", "base_tokenizer", "config", "base_checkpoint")
@@ -27,6 +27,8 @@ class RunSpec:
     output_dir: str = same_as(TrainConfig, "output_dir")
     resume: str = same_as(TrainConfig, "resume", default="auto")
     train: dict = section(TrainConfig, help="TrainConfig settings (the train.* keys)")
+    launch: dict = section(LaunchOptions, help="LaunchOptions (the launch.* keys): processes per machine, and "
+                                               "machines, for the training stage")
     max_bad_rows: float = option(0.05, help="share of rows the data checks may drop before the run stops",
                                  flag=None, min=0, max=1)
     min_script_share: float | None = option(0.5, help="least share of the expected script in each text (unset: "
@@ -64,6 +66,10 @@ class RunSpec:
                 path.open("rb").close()
             except OSError as exc:
                 raise FidelError(path, f"{key}: not readable ({exc.strerror})") from None
+
+    def launch_options(self, node_rank: int | None = None) -> LaunchOptions:
+        """launch.*, with this machine's node rank when the flow is given one (one run file for every node)."""
+        return LaunchOptions(**{**self.launch, **({} if node_rank is None else {"node_rank": node_rank})})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,6 +109,10 @@ def run_spec_from_dict(raw: dict, path: Path | None = None) -> RunSpec:
             PrepareSettings(**spec.prepare)  # rules across settings
         except FidelError as exc:
             raise FidelError(path, f"prepare: {exc.problem}") from None
+    try:
+        spec.launch_options()  # rules across settings: node_rank below nnodes, an endpoint for several
+    except FidelError as exc:
+        raise FidelError(path, exc.problem) from None
     try:
         spec.train_config()  # rules across settings (TrainConfig's own check)
     except FidelError as exc:

@@ -13,6 +13,9 @@ from prefect.cache_policies import NO_CACHE
 from tasks.report import StageFailed, lineage_key, logger, publish_loss_curves
 from tasks.spec import RunSpec
 from tasks.tracking import MetricLog, Tracker
+from trainer.checkpoint import latest_valid_checkpoint, read_sidecar
+from trainer.distributed import launch_function
+from trainer.errors import FidelError
 from trainer.progress import Progress
 from trainer.train import TrainHooks, TrainResult, train
 
@@ -95,9 +98,49 @@ def with_validation_gates(hooks: TrainHooks, tc, tracker: Tracker | None) -> Tra
     return replace(hooks, on_start=on_start, on_validation=validation_hook(config, gate_tagger(tracker)))
 
 
+def training_worker(tc, tracker: Tracker | None) -> TrainResult | str:
+    """One torchrun worker of the training stage (rank 0 reports to MLflow and runs the gates, as in-process
+    training does): its result, or the one-line problem that stopped it."""
+    hooks, _ = progress_hooks(tracker, show_progress=False)
+    try:
+        return train(tc, with_validation_gates(hooks, tc, tracker))
+    except FidelError as exc:
+        return str(exc)
+    finally:
+        if tracker is not None:
+            tracker.flush()
+
+
+def launched_training(tc, tracker: Tracker | None, launch) -> TrainResult:
+    """Training in torchrun's workers: launch.nproc here, joining the other machines' when launch.nnodes > 1."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        results = launch_function(training_worker, (tc, tracker), launch.nproc, launch.nnodes, launch.node_rank,
+                                  launch.rdzv_endpoint)
+    except SignalException as exc:  # the workers got the signal too: they saved and stopped with every rank
+        return preempted_at_newest(Path(tc.output_dir), f"stopped by signal {exc.sigval}")
+    except ChildFailedError as exc:
+        code, failure = next(iter(exc.failures.items()))
+        raise StageFailed(f"training failed: worker {code} exited {failure.exitcode}") from None
+    problems = [r for r in results.values() if isinstance(r, str)]
+    if problems:
+        raise FidelError(None, problems[0])
+    return results[0]
+
+
+def preempted_at_newest(output_dir: Path, reason: str) -> TrainResult:
+    newest, _ = latest_valid_checkpoint(output_dir)
+    sidecar = read_sidecar(newest) if newest else {}
+    return TrainResult("preempted", sidecar.get("step", 0), sidecar.get("total_steps", 0), newest, {},
+                       reason=f"{reason}; newest checkpoint {newest}")
+
+
 @task(name="training", cache_policy=NO_CACHE)
 def training(spec: RunSpec, data_dir: str, decision: dict, tracker: Tracker | None,
              show_progress: bool = False) -> TrainResult:
+    launch = spec.launch_options()
     tc = spec.train_config(Path(data_dir), tracker.run_id if tracker else None)
     tc.resume = decision["checkpoint"] if decision["action"] == "resume" else None
     if tracker is not None:
@@ -105,7 +148,7 @@ def training(spec: RunSpec, data_dir: str, decision: dict, tracker: Tracker | No
     hooks, bars = progress_hooks(tracker, show_progress, f"{lineage_key(spec.output_dir)}-training-progress")
     hooks = with_validation_gates(hooks, tc, tracker)
     try:
-        result = train(tc, hooks)
+        result = launched_training(tc, tracker, launch) if launch.distributed else train(tc, hooks)
     finally:
         for bar in bars:
             bar.close()

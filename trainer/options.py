@@ -291,12 +291,14 @@ def markdown_table(train_cls: type, launch_cls: type, run_cls: type) -> str:
             rows.append(row(f, kind, meta, f.name, flag if flag == yaml else f"flag: {flag}; run.yaml: {yaml}"))
         elif flag_names(f, meta):
             rows.append(row(f, kind, meta, "", default_text(f, meta)))
-    rows += [row(f, kind, meta, "", default_text(f, meta)) for f, kind, meta in options(launch_cls)]
+    launch_key = next((f"{sec.name}." for sec in sections(run_cls) if sec.metadata["section"] is launch_cls), None)
+    rows += [row(f, kind, meta, f"{launch_key}{f.name}" if launch_key and meta["yaml"] else "", default_text(f, meta))
+             for f, kind, meta in options(launch_cls)]
     train_names = {f.name for f in dataclasses.fields(train_cls)}
     rows += [row(f, kind, meta, f.name, default_text(f, meta))
              for f, kind, meta in options(run_cls) if f.name not in train_names]
     for sec in sections(run_cls):
-        if sec.metadata["section"] is not train_cls:
+        if sec.metadata["section"] not in (train_cls, launch_cls):
             rows += [row(f, kind, meta, f"{sec.name}.{f.name}", default_text(f, meta))
                      for f, kind, meta in options(sec.metadata["section"])]
     head = "| option | flag | run.yaml key | default | range | meaning |\n|---|---|---|---|---|---|\n"
@@ -430,12 +432,36 @@ class TrainConfig:
 # ---- how `fidel train` starts its processes
 
 
+def endpoint_problem(text: str | None) -> str | None:
+    host, _, port = (text or "").rpartition(":")
+    if text is not None and not (host and port.isdigit() and 0 < int(port) < 65536):
+        return f"expected HOST:PORT (node 0's address and a free port), got {text!r}"
+    return None
+
+
 @dataclass
 class LaunchOptions:
-    nproc: int = option(1, help="processes (GPUs) on this machine, via torchrun and DDP", min=1, yaml=False)
+    """How training starts its processes: `fidel train` flags, and the `launch:` section of run.yaml."""
+
+    nproc: int = option(1, help="processes (GPUs) on this machine, via torchrun and DDP", min=1)
+    nnodes: int = option(1, help="machines in the job; each runs the same command with its own node rank", min=1)
+    node_rank: int = option(0, help="this machine's number, 0 to nnodes - 1; node 0 holds rank 0, which saves and "
+                                    "reports", min=0)
+    rdzv_endpoint: str | None = option(None, help="HOST:PORT of torchrun's c10d rendezvous, on node 0 (needed "
+                                                  "when nnodes > 1)", check=endpoint_problem)
     freeze_conditioning: bool = option(False, help="accepted for compatibility: fidel never trains the "
                                                    "conditioning encoders", yaml=False)
 
     def __post_init__(self):
         check(self)
+        if self.node_rank >= self.nnodes:
+            raise FidelError(None, f"--node-rank (launch.node_rank) {self.node_rank}: must be below --nnodes "
+                                   f"{self.nnodes}")
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            raise FidelError(None, f"--nnodes (launch.nnodes) {self.nnodes}: needs --rdzv-endpoint HOST:PORT, node "
+                                   "0's address")
+
+    @property
+    def distributed(self) -> bool:
+        return self.nproc > 1 or self.nnodes > 1
 

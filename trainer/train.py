@@ -38,7 +38,15 @@ from trainer.checkpoint import (
 )
 from trainer.config import GPTConfig, load_gpt_config, read_config_yaml
 from trainer.data import collate, training_data
-from trainer.distributed import Dist, all_reduce_sum, any_rank, any_ranks, init_from_env
+from trainer.distributed import (
+    EXIT_PREEMPTED,  # noqa: F401 - the CLI's and flow's exit code for a saved, resumable stop
+    Dist,
+    all_reduce_sum,
+    any_rank,
+    any_ranks,
+    from_rank0,
+    init_from_env,
+)
 from trainer.errors import FidelError
 from trainer.model import Batch, UnifiedVoiceGPT
 from trainer.optim import amp_dtype, lr_factor, make_optimizer, param_groups
@@ -47,7 +55,6 @@ from trainer.tokenizer import check_base_pieces, load_model_proto, load_tokenize
 from trainer.vocab import InitRecord, extended_model
 from trainer.weights import base_checkpoint_rows_hash, load_base_checkpoint, model_base_rows_hash
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved and resumable
 FROZEN_BUFFERS = ("text_embedding.base", "text_head.base_weight", "text_head.base_bias")
 
 
@@ -170,6 +177,17 @@ def resolve_resume(tc: TrainConfig, warn: Callable[[str], None] = lambda message
         raise FidelError(path, "--resume: checkpoint not found" if not path.exists() else "--resume: not a file")
     verify_checkpoint(path)  # before any work, not after the model is built
     return path
+
+
+def resume_on_every_rank(tc: TrainConfig, env: Dist, device: torch.device,
+                         warn: Callable[[str], None]) -> Path | None:
+    """Rank 0 decides fresh or resume (and from which checkpoint); every rank loads that file, so the output dir
+    must be one folder that every machine sees."""
+    resume_path = from_rank0(lambda: resolve_resume(tc, warn), env)
+    if any_rank(resume_path is not None and not resume_path.is_file(), env, device):
+        raise FidelError(resume_path, "rank 0 resumes from it but another rank cannot read it: --output-dir must be "
+                                      "a folder every machine shares")
+    return resume_path
 
 
 def check_output_dir(out: Path) -> None:
@@ -416,7 +434,7 @@ def train(tc: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     dtype = amp_dtype(tc.amp, device)
     out = Path(tc.output_dir)
     check_output_dir(out)
-    resume_path = resolve_resume(tc, hooks.on_warning)
+    resume_path = resume_on_every_rank(tc, env, device, hooks.on_warning)
     check_base_tokenizer(tc)
     cfg = load_gpt_config(tc.config).with_text_tokens(load_tokenizer(tc.tokenizer).get_piece_size())
     # the Parquet dataset of `fidel data build` (its tokenizer must be this run's) or paired JSONL manifests
@@ -592,7 +610,8 @@ def train(tc: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
                     status, reason = "failed", gate_failure or "a gate failed on another rank"
                     break
                 if stopping:
-                    status, reason = "preempted", f"stopped by signal {stop.signal}; saved at step {pos.step}"
+                    by = f"signal {stop.signal}" if stop.requested else "a signal to another rank"
+                    status, reason = "preempted", f"stopped by {by}; saved at step {pos.step}"
                     break
                 if pos.step >= total_steps:
                     break
