@@ -127,3 +127,21 @@ def test_the_final_summary_lists_every_gate_advisory_ones_marked(capsys):
     out = capsys.readouterr().out
     assert "  PASS finite: all finite\n" in out and "  FAIL (advisory) inference_smoke: 0/4 stopped\n" in out
     assert "#/experiments/1/runs/abc?workflowType=machine_learning" in out
+
+
+def test_fidel_failures_reach_prefect_logs_as_one_line_without_a_traceback():
+    import logging
+    import sys
+
+    from tasks.report import StageFailed
+
+    prefect_tasks = logging.getLogger("prefect.task_runs")  # what Prefect logs a failed task run's exception to
+    records = []
+    for exc in (StageFailed("gate finite failed"), ValueError("a bug")):
+        try:
+            raise exc
+        except Exception:
+            records.append(prefect_tasks.makeRecord(prefect_tasks.name, logging.ERROR, __file__, 0, "failed: %r",
+                                                    (exc,), sys.exc_info()))
+        prefect_tasks.filter(records[-1])
+    assert [r.exc_info is None for r in records] == [True, False]  # a bug keeps its traceback
