@@ -16,9 +16,9 @@ from tasks.tracking import MetricLog, Tracker
 from trainer.checkpoint import latest_valid_checkpoint, read_sidecar
 from trainer.distributed import launch_function
 from trainer.errors import FidelError
+from trainer.experimental import continue_community
 from trainer.progress import Progress
 from trainer.train import TrainHooks, TrainResult, train
-
 
 PROGRESS_UPDATE_S = 10.0
 
@@ -98,6 +98,20 @@ def with_validation_gates(hooks: TrainHooks, tc, tracker: Tracker | None) -> Tra
     return replace(hooks, on_start=on_start, on_validation=validation_hook(config, gate_tagger(tracker)))
 
 
+def resume_checkpoint(decision: dict, tc, tracker: Tracker | None) -> str | None:
+    """What training resumes from: triage's checkpoint. A community run triage resumes is imported into the output
+    dir first, once: a later run finds that import's newest checkpoint and continues it."""
+    if decision["action"] != "resume":
+        return None
+    chosen = next(c for c in decision["candidates"] if c["path"] == decision["checkpoint"])
+    if chosen["kind"] != "foreign":
+        return decision["checkpoint"]
+    resumed = continue_community(Path(chosen["path"]), tc, chosen, logger().info)
+    if tracker is not None:
+        tracker.set_tags({"resume.imported_from": chosen["path"], "resume.checkpoint": str(resumed)})
+    return str(resumed)
+
+
 def training_worker(tc, tracker: Tracker | None) -> TrainResult | str:
     """One torchrun worker of the training stage (rank 0 reports to MLflow and runs the gates, as in-process
     training does): its result, or the one-line problem that stopped it."""
@@ -142,7 +156,7 @@ def training(spec: RunSpec, data_dir: str, decision: dict, tracker: Tracker | No
              show_progress: bool = False) -> TrainResult:
     launch = spec.launch_options()
     tc = spec.train_config(Path(data_dir), tracker.run_id if tracker else None)
-    tc.resume = decision["checkpoint"] if decision["action"] == "resume" else None
+    tc.resume = resume_checkpoint(decision, tc, tracker)
     if tracker is not None:
         tracker.log_params({"train": {k: v for k, v in tc.to_dict().items() if k not in ("resume", "mlflow_run_id")}})
     hooks, bars = progress_hooks(tracker, show_progress, f"{lineage_key(spec.output_dir)}-training-progress")

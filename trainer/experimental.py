@@ -14,6 +14,10 @@ for Adam: a warmup keeps its first updates small while exp_avg_sq refills.
 
 Nothing is written before the source has loaded and been repaired in memory; if the backup or the import then
 fails, what they created is removed. The backup keeps the source's permission bits.
+
+A community run that triage calls fixed is resumed by the same import, without the backup or the gate
+(`community_resume`, for `fidel train --resume FILE` and the flow): base rows restored to the base, the
+schedule restarted with warmup, and a later run continues the imported lineage instead of importing again.
 """
 
 from __future__ import annotations
@@ -27,7 +31,15 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import atomic_write_bytes, file_sha256, rng_state, save_checkpoint
+from trainer.checkpoint import (
+    NAME,
+    atomic_write_bytes,
+    file_sha256,
+    latest_valid_checkpoint,
+    rng_state,
+    save_checkpoint,
+    sidecar_path,
+)
 from trainer.distributed import Dist
 from trainer.errors import FidelError
 from trainer.model import SPLIT_KEYS, is_training_path_key, load_upstream_state_dict
@@ -257,3 +269,92 @@ def experimental_resume(checkpoint: str | Path, tc: TrainConfig, text_loss_thres
     hooks = hooks or TrainHooks()
     result = train(replace(tc, resume=str(imported)), replace(hooks, on_validation=validation_hook(config, on_gates)))
     return ExperimentalRun(backup, record, imported, gate, result)
+
+
+# ----------------------------------------------------------------------------- resuming a fixed community run
+
+NEXT_STEP = {"fresh": "; drop --resume to start fresh from the base",
+             "experimental": "; `fidel experimental-resume` runs it behind the text-loss gate"}
+
+
+def is_community_file(path: Path) -> bool:
+    """Not a fidel checkpoint (ckpt-stepNNNNNNNN.pt, or a file with fidel's sidecar JSON): a community trainer's."""
+    return not NAME.match(path.name) and not sidecar_path(path).is_file()
+
+
+def community_resume(tc: TrainConfig, path: Path, log: Callable[[str], None]) -> Path:
+    """`--resume FILE` of a community checkpoint: triage it; a fixed run (untouched or decay-only base rows) is
+    continued through continue_community, anything else stops with triage's reason before anything is written.
+    A fixed run that triage would restart (younger than its resume threshold) is resumed: --resume asked for it."""
+    from trainer.triage import Reference, triage_path
+
+    if tc.base_checkpoint is None:
+        raise FidelError(path, "--resume of a community checkpoint needs --base-checkpoint (triage judges its base "
+                               "rows against it)")
+    decision = triage_path(path, ref=Reference.load(tc.base_checkpoint, tc.tokenizer))
+    candidate = decision.to_dict()["candidates"][0]
+    if candidate["finding"] != "fixed":
+        verdict = decision.refusal or decision.action  # refuse, quarantine or hostile; fresh or experimental
+        raise FidelError(path, f"triage: {verdict}, not resumable: {candidate['reason']} ({candidate['detail']})"
+                               + NEXT_STEP.get(verdict, ""))
+    if decision.action != "resume":
+        log(f"triage would start fresh ({candidate['reason']}); resumed because --resume names it")
+    return continue_community(path, tc, candidate, log)
+
+
+def earlier_import(out: Path, source_sha256: str, log: Callable[[str], None]) -> Path | None:
+    """The newest valid checkpoint in out, when its lineage was imported from the file with this sha256; None when
+    out holds no checkpoint. A lineage of anything else is never continued in its place."""
+    newest, rejected = latest_valid_checkpoint(out)
+    for skipped, problem in rejected:
+        log(f"skipping {skipped.name}, newer than the checkpoint resumed: {problem}")
+    if newest is None:
+        return None
+    imported = (torch_load(newest, mmap=True).get("lineage") or {}).get("imported") or {}
+    if imported.get("source_sha256") != source_sha256:
+        raise FidelError(out, f"already holds checkpoints of another lineage (newest {newest.name}), not imported "
+                              "from this file: choose a new --output-dir, or --resume auto to continue them")
+    return newest
+
+
+def base_rows_note(record: dict, candidate: dict, base_rows: int, base_path: str) -> str:
+    restored = record["rows_restored"]["text_embedding.weight"]
+    if not any(record["rows_restored"].values()):
+        return f"base rows already bit-identical to the base ({base_rows} rows): nothing to restore"
+    shrink = candidate["evidence"]["change"]["text_embedding.weight"].get("ratio_median")
+    return (f"base rows restored to the base: {restored}/{base_rows} embedding rows (weight decay had shrunk them to "
+            f"×{shrink:.5f}) written back from {base_path}, their Adam moments zero; fidel trains them frozen")
+
+
+def schedule_note(step: int, tc: TrainConfig, candidate: dict) -> str:
+    reached = candidate["evidence"].get("scheduler", {}).get("lr_ratio")
+    where = f"; it had reached lr ×{reached:.3g} of its peak" if reached is not None else ""
+    return (f"LR schedule restarted: {tc.warmup_steps} warmup steps, then cosine over the {tc.max_steps - step} "
+            f"steps from {step} to {tc.max_steps}, because the community cosine's warmup and total steps are not "
+            f"stored{where}")
+
+
+def continue_community(path: Path, tc: TrainConfig, candidate: dict, log: Callable[[str], None]) -> Path:
+    """The fidel checkpoint that continues community checkpoint `path` (triaged as `candidate`, a fixed run) in
+    tc.output_dir: the newest checkpoint of an earlier import of the same file, else a new import at its step
+    (base rows restored to the base, no repair: a fixed run's base-row moments are already zero). The source is
+    only read."""
+    out = Path(tc.output_dir)
+    sha = candidate["evidence"]["integrity"]["sha256"]
+    earlier = earlier_import(out, sha, log)
+    if earlier is not None:
+        log(f"{path.name} was imported into {out} before: continuing that lineage from {earlier.name}")
+        return earlier
+    raw = torch_load(path, mmap=True)
+    step = int(raw.get("step") or 0)
+    steps_left(raw, tc, path)
+    base = read_state_dict(tc.base_checkpoint)
+    base_rows = base["text_embedding.weight"].shape[0] - 1
+    restored, record = repair_community_state(raw, base, base_rows)
+    note = {"policy": "resume", "source_sha256": sha, "triage": candidate["reason"],
+            "base_rows": base_rows_note(record, candidate, base_rows, tc.base_checkpoint),
+            "schedule": schedule_note(step, tc, candidate), "rows_restored": record["rows_restored"]}
+    with removed_on_failure(out):
+        imported = import_community_checkpoint(restored, tc, str(path), note)
+    log(f"imported {path.name} (step {step}) as {imported}; {note['base_rows']}; {note['schedule']}")
+    return imported

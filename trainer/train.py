@@ -175,6 +175,10 @@ def resolve_resume(tc: TrainConfig, warn: Callable[[str], None] = lambda message
     path = Path(tc.resume)
     if not path.is_file():
         raise FidelError(path, "--resume: checkpoint not found" if not path.exists() else "--resume: not a file")
+    from trainer.experimental import community_resume, is_community_file  # it builds on this module
+
+    if is_community_file(path):  # triaged, then imported once into the output dir (rank 0 only: from_rank0)
+        return community_resume(tc, path, warn)
     verify_checkpoint(path)  # before any work, not after the model is built
     return path
 
