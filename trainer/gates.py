@@ -99,7 +99,7 @@ def report_markdown(results: list[GateResult]) -> str:
 def reasons_markdown(results: list[GateResult]) -> str:
     from trainer.markdown import bullets
 
-    return bullets([(f"{r.name} ({r.label()})", f"{r.value}. {r.reason}" if r.reason else r.value) for r in results])
+    return bullets([(f"{r.name} {r.label()}", f"{r.value}. {r.reason}" if r.reason else r.value) for r in results])
 
 
 def exported_base_rows_identical(base_path, exported_path, base_rows: int) -> GateResult:
