@@ -413,8 +413,8 @@ def claim_shards(out_dir: Path, fingerprint: str) -> Path:
     if record.is_file():
         saved = json.loads(record.read_text(encoding="utf-8")).get("fingerprint")
         if saved != fingerprint:
-            raise FidelError(out_dir, "holds features prepared from other manifests, models or audio limits; choose "
-                                      "another output folder (nothing is overwritten)")
+            raise FidelError(out_dir, "holds features prepared from other manifests, models, audio limits or shard "
+                                      "size; choose another output folder (nothing is overwritten)")
     else:
         atomic_write_json(record, {"fingerprint": fingerprint})
     return folder
