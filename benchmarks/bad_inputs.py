@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import pytest  # noqa: E402  (a case that cannot mount a tmpfs calls pytest.skip)
-from test_bad_inputs import CASES, FAULTS, new_workspace, run_case, train_template  # noqa: E402
+from test_bad_inputs import CASES, FAULTS, build_template, new_workspace, run_case, train_template  # noqa: E402
 
 from trainer.synthetic import make_tiny_project  # noqa: E402
 
@@ -40,10 +40,11 @@ def main() -> int:
         tmp = Path(tmp)
         project = make_tiny_project(tmp / "template" / "project")
         trained = train_template(project, tmp / "template" / "trained")
+        parquet = build_template(project, tmp / "template" / "parquet")
         runs = [(c.name, c.kind, lambda ws, c=c: run_case(c, ws), c.code, c.expect) for c in CASES]
         runs += FAULTS if args.faults else []
         for i, (name, kind, run, code, expect) in enumerate(runs):
-            ws = new_workspace(project, trained, tmp / f"case{i:03d}")
+            ws = new_workspace(project, trained, parquet, tmp / f"case{i:03d}")
             try:
                 outcome = run(ws)
             except pytest.skip.Exception as skipped:

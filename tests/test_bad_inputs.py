@@ -38,15 +38,20 @@ class Workspace:
     root: Path
     project: object  # trainer.synthetic.TinyProject, a private copy
     trained: Path  # a private copy of a finished tiny run (checkpoints at steps 2 and 4)
+    parquet: Path  # a private copy of the project's dataset as `fidel data build` writes it
     mounts: list[Path] = field(default_factory=list)
 
     @property
     def out(self) -> Path:
         return self.root / "out"
 
-    def train_args(self, *extra, out: Path | None = None) -> list[str]:
+    def parquet_args(self, *extra) -> list[str]:
+        return self.train_args(*extra, data=(self.parquet / "train.parquet", self.parquet / "val.parquet"))
+
+    def train_args(self, *extra, out: Path | None = None, data: tuple[Path, Path] | None = None) -> list[str]:
         p = self.project
-        return ["train", "--train-manifest", str(p.train_manifest), "--val-manifest", str(p.val_manifest),
+        train, val = data or (p.train_manifest, p.val_manifest)
+        return ["train", "--train-manifest", str(train), "--val-manifest", str(val),
                 "--tokenizer", str(p.tokenizer), "--config", str(p.base_config), "--base-checkpoint",
                 str(p.base_checkpoint), "--output-dir", str(out or self.out), "--max-steps", str(TINY_STEPS),
                 "--batch-size", "8", "--log-interval", "2", "--val-interval", "2", "--save-every", "2", *extra]
@@ -422,6 +427,16 @@ CASES: list[Case] = [
     Case("text id equal to the stop token", "features", then(feature("ids", ids_with(1))), "start/stop token"),
     Case("text ids as floats", "features", then(feature("ids", lambda ws: np.zeros(7, np.float64))), "wrong_dtype"),
     Case("npy header claiming 1 TiB", "features", then(huge_header), "header says shape [274877906944, 1]"),
+    Case("Parquet dataset with codes past this config's codebook", "features",
+         then(lambda ws: ws.config(start_mel_token=40, stop_mel_token=41, number_mel_codes=42), Workspace.parquet_args),
+         "code 4"),
+    Case("Parquet dataset for another width", "features", then(lambda ws: ws.config(model_dim=64),
+                                                                Workspace.parquet_args),
+         "conditioning shape [32, 32], this config wants [32, 64]"),
+    Case("Parquet dataset of another tokenizer", "features",
+         lambda ws: ws.parquet_args("--tokenizer", str(edited_tokenizer(ws, rescore_last))), "built with tokenizer"),
+    Case("Parquet file garbage", "features", then(garbage(lambda ws: ws.parquet / "train.parquet"),
+                                                  Workspace.parquet_args), "not a readable Parquet file"),
     Case("emotion file missing", "features", then(lambda ws: ws.feature("emo").unlink()), "missing_file"),
     Case("empty codes array", "features", then(feature("codes", lambda ws: np.zeros(0, np.int32))), "empty_codes"),
 
@@ -545,7 +560,18 @@ def train_template(project, folder: Path) -> Path:
     return folder
 
 
-def new_workspace(project_template, trained_template: Path, root: Path) -> Workspace:
+def build_template(project, folder: Path) -> Path:
+    """The project's Parquet dataset (`fidel data build`)."""
+    from flows.cli import main
+
+    p = project
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["data", "build", "--train", f"{p.train_manifest}::am", "--val", str(p.val_manifest),
+                     "--tokenizer", str(p.tokenizer), "--config", str(p.base_config), "--out", str(folder)]) == 0
+    return folder
+
+
+def new_workspace(project_template, trained_template: Path, parquet_template: Path, root: Path) -> Workspace:
     """Private copies of the tiny project and the trained run under root, the run pointing at the copy."""
     shutil.copytree(project_template.root, root / "project")
     moved = {k: root / "project" / Path(v).relative_to(project_template.root)
@@ -556,7 +582,9 @@ def new_workspace(project_template, trained_template: Path, root: Path) -> Works
     shutil.copytree(trained_template, trained)
     for checkpoint in trained.glob("ckpt-step*.pt"):
         retarget(checkpoint, project)
-    return Workspace(root, project, trained)
+    parquet = root / "parquet"
+    shutil.copytree(parquet_template, parquet, ignore=shutil.ignore_patterns("*.arrow"))
+    return Workspace(root, project, trained, parquet)
 
 
 @pytest.fixture(scope="session")
@@ -564,9 +592,14 @@ def trained_template(tiny_project_template, tmp_path_factory):
     return train_template(tiny_project_template, tmp_path_factory.mktemp("trained") / "run")
 
 
+@pytest.fixture(scope="session")
+def parquet_template(tiny_project_template, tmp_path_factory):
+    return build_template(tiny_project_template, tmp_path_factory.mktemp("parquet") / "data")
+
+
 @pytest.fixture
-def workspace(tiny_project_template, trained_template, tmp_path):
-    ws = new_workspace(tiny_project_template, trained_template, tmp_path)
+def workspace(tiny_project_template, trained_template, parquet_template, tmp_path):
+    ws = new_workspace(tiny_project_template, trained_template, parquet_template, tmp_path)
     yield ws
     ws.unmount()
 
@@ -701,3 +734,16 @@ def test_fault(name, kind, run, code, expect, workspace: Workspace):
     assert outcome.code == code, outcome.stderr
     assert expect in outcome.last_line, (outcome.last_line, outcome.stderr)
     assert outcome.changed == [], outcome.changed
+
+
+def test_data_check_flags_one_id_with_two_contents(workspace: Workspace):
+    from trainer.datacheck import check_manifests
+
+    records = workspace.records()
+    records[5]["id"] = records[2]["id"]
+    workspace.write_records(records)
+    p = workspace.project
+    report = check_manifests({"train": [str(p.train_manifest)]}, p.tokenizer, p.base_config)
+    found = [f for f in report.findings if f.check == "id_conflict"]
+    assert [(f.line, f.pair_id, f.action) for f in found] == [(6, records[2]["id"], "dropped")]
+    assert "train.jsonl:3" in found[0].detail and "target_text" in found[0].detail
