@@ -111,6 +111,19 @@ def test_audio_is_read_downmixed_resampled_and_checked(tmp_path):
     assert read_audio(tmp_path / "absent.wav", limits)[1][0] == "missing_audio"
 
 
+def test_manifests_are_jsonl_or_csv_with_the_community_fields(tmp_path):
+    from trainer.prepare import read_splits
+
+    (tmp_path / "am.csv").write_text("id,text,audio,speaker,language\nb,ሰላም,wav/b.wav,s1,\na,ቤት,/abs/a.wav,s1,\n",
+                                     encoding="utf-8-sig")
+    row = {"id": "c", "text": "ውሃ", "audio": "c.flac", "speaker": "s2", "language": "am"}
+    (tmp_path / "more.jsonl").write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    split = read_splits({"train": [f"{tmp_path / 'am.csv'}::am", str(tmp_path / "more.jsonl")]})["train"]
+    assert [(u.id, u.speaker, u.language, u.line) for u in split] == [("a", "s1", "am", 3), ("b", "s1", "am", 2),
+                                                                      ("c", "s2", "am", 1)]
+    assert split[0].audio.as_posix() == "/abs/a.wav" and split[1].audio == tmp_path / "wav" / "b.wav"
+
+
 def prepare_args(tiny_project, tiny_models, corpus, out, **settings):
     paths = tiny_models[0]
     splits = {"train": [str(corpus["train"])], "val": [str(corpus["val"])]}
