@@ -14,8 +14,8 @@ A problem names the setting as the user gave it: the flag they typed (`--save-ev
 
 Adding an option: add a field `name: type = option(default, help="...", min=...)` to the dataclass it belongs to.
 TrainConfig (below) holds what training uses: a flag of `fidel train` and a `train:` key of run.yaml
-(`yaml=False` or `flag=None` to leave one out). LaunchOptions (below) holds how `fidel train` starts its
-processes: flags only. Adding a run.yaml section: write a dataclass of options that calls `check(self)` in
+(`yaml=False` or `flag=None` to leave one out). LaunchOptions (below) holds how training starts its
+processes: `fidel train` flags and run.yaml's `launch:` section. Adding a run.yaml section: write a dataclass of options that calls `check(self)` in
 `__post_init__`, and give RunSpec a field `name: Cls = section(Cls, help="...")`; `from_mapping` then checks
 `name:` in run.yaml key by key, and the option table lists its keys as `name.key`.
 """
@@ -39,7 +39,7 @@ MISSING = dataclasses.MISSING
 def option(default=MISSING, *, help: str, flag: str | None = "", aliases: tuple[str, ...] = (), yaml: bool = True,
            min: float | None = None, max: float | None = None, above: float | None = None,
            choices: tuple | None = None, zero_means_unset: bool = False, const=None, flag_default=None,
-           check: Callable[[object], str | None] | None = None, factory: Callable | None = None) -> dataclasses.Field:
+           check: Callable[[object], str | None] | None = None) -> dataclasses.Field:
     """A dataclass field with what the flags, run.yaml and the option table need.
 
     flag: the flag's name ("" gives --field-name; None: no flag). aliases: older or community spellings.
@@ -51,8 +51,6 @@ def option(default=MISSING, *, help: str, flag: str | None = "", aliases: tuple[
     meta = {"help": help, "flag": flag, "aliases": aliases, "yaml": yaml, "min": min, "max": max, "above": above,
             "choices": choices, "zero_means_unset": zero_means_unset, "const": const,
             "flag_default": flag_default, "check": check}
-    if factory is not None:
-        return dataclasses.field(default_factory=factory, metadata={"option": meta})
     return dataclasses.field(default=default, metadata={"option": meta})
 
 
