@@ -51,16 +51,18 @@ def check_import(out: Path, fixed: Path, project) -> dict:
     assert note["source_sha256"] == file_sha256(fixed) and note["policy"] == "resume"
     assert note["rows_restored"]["text_embedding.weight"] == b
     assert note["base_rows"].startswith(f"base rows restored to the base: {b}/{b} embedding rows")
-    assert note["schedule"].startswith("LR schedule restarted: 5 warmup steps")
+    assert note["schedule"].startswith(f"LR schedule restarted over the 2 steps from {STEP} to {STEP + 2}: 5 warmup "
+                                       "steps, then cosine")
     assert sidecar["base_rows_sha256"] == ref.base_hash and sidecar["base_rows_intact"]
     return sidecar
 
 
-def check_continued(out: Path, project, lineage_id: str, step: int) -> None:
+def check_continued(out: Path, fixed: Path, project, lineage_id: str, step: int) -> None:
     """The newest checkpoint continues the imported lineage, its base rows bit-identical to the base's."""
     newest = list_checkpoints(out)[0]
     sidecar = read_sidecar(newest)
     assert sidecar["step"] == step and sidecar["lineage_id"] == lineage_id
+    assert sidecar["imported"]["from"] == str(fixed) and sidecar["imported"]["base_rows"].startswith("base rows restored")
     assert sidecar["base_rows_intact"]
     assert sidecar["base_rows_sha256"] == Reference.load(project.base_checkpoint).base_hash
 
@@ -95,11 +97,11 @@ def test_the_flow_imports_a_fixed_community_run_once_and_continues_it(tiny_proje
     result = training.fn(spec(STEP + 2), data["data_dir"], checkpoint_triage.fn(spec(STEP + 2), None), None)
     assert result.status == "completed" and result.resumed_from == STEP and result.step == STEP + 2
     assert file_sha256(imported) == imported_sha  # not imported again
-    check_continued(out, tiny_project, sidecar["lineage_id"], STEP + 2)
+    check_continued(out, fixed, tiny_project, sidecar["lineage_id"], STEP + 2)
 
     result = training.fn(spec(STEP + 3), data["data_dir"], checkpoint_triage.fn(spec(STEP + 3), None), None)
     assert result.resumed_from == STEP + 2 and result.step == STEP + 3  # the newest fidel checkpoint, no rewind
-    check_continued(out, tiny_project, sidecar["lineage_id"], STEP + 3)
+    check_continued(out, fixed, tiny_project, sidecar["lineage_id"], STEP + 3)
     assert file_sha256(fixed) == before
 
 
@@ -121,11 +123,11 @@ def test_fidel_train_resume_of_a_fixed_community_run(tiny_project, fixed, tmp_pa
     assert f"saved {out / f'ckpt-step{STEP + 1:08d}.pt'} (step {STEP + 1})" in printed.out
     assert f"imported {fixed.name} (step {STEP})" in printed.err and "LR schedule restarted" in printed.err
     sidecar = check_import(out, fixed, tiny_project)
-    check_continued(out, tiny_project, sidecar["lineage_id"], STEP + 2)
+    check_continued(out, fixed, tiny_project, sidecar["lineage_id"], STEP + 2)
 
     assert main(train_args(tiny_project, out, fixed, STEP + 3)) == 0  # the same command, later: no second import
     assert "was imported into" in capsys.readouterr().err
-    check_continued(out, tiny_project, sidecar["lineage_id"], STEP + 3)
+    check_continued(out, fixed, tiny_project, sidecar["lineage_id"], STEP + 3)
     assert read_sidecar(out / f"ckpt-step{STEP:08d}.pt")["sha256"] == sidecar["sha256"]
     assert file_sha256(fixed) == before
 

@@ -328,9 +328,9 @@ def base_rows_note(record: dict, candidate: dict, base_rows: int, base_path: str
 
 def schedule_note(step: int, tc: TrainConfig, candidate: dict) -> str:
     reached = candidate["evidence"].get("scheduler", {}).get("lr_ratio")
-    where = f"; it had reached lr ×{reached:.3g} of its peak" if reached is not None else ""
-    return (f"LR schedule restarted: {tc.warmup_steps} warmup steps, then cosine over the {tc.max_steps - step} "
-            f"steps from {step} to {tc.max_steps}, because the community cosine's warmup and total steps are not "
+    where = f" (its lr was at ×{reached:.3g} of the peak)" if reached is not None else ""
+    return (f"LR schedule restarted over the {tc.max_steps - step} steps from {step} to {tc.max_steps}: "
+            f"{tc.warmup_steps} warmup steps, then cosine; the community cosine's warmup and total steps are not "
             f"stored{where}")
 
 
@@ -355,6 +355,6 @@ def continue_community(path: Path, tc: TrainConfig, candidate: dict, log: Callab
             "base_rows": base_rows_note(record, candidate, base_rows, tc.base_checkpoint),
             "schedule": schedule_note(step, tc, candidate), "rows_restored": record["rows_restored"]}
     with removed_on_failure(out):
-        imported = import_community_checkpoint(restored, tc, str(path), note)
+        imported = import_community_checkpoint(restored, tc, str(path.absolute()), note)
     log(f"imported {path.name} (step {step}) as {imported}; {note['base_rows']}; {note['schedule']}")
     return imported

@@ -531,7 +531,8 @@ def train(tc: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
                    "freeze": lineage["freeze"], "init": lineage["init"], "reason": reason,
                    "base_rows_intact": base_intact, "mlflow_run_id": lineage["mlflow_run_id"],
                    "total_steps": total_steps, "schedule_total_steps": schedule_total,
-                   "metrics": val_history[-1] if val_history else {}}
+                   "metrics": val_history[-1] if val_history else {},
+                   "imported": lineage.get("imported")}  # a community checkpoint the lineage started from
         keep = {Path(best["path"])} if best and tc.keep_best else set()
         rows = list(pending)
         pending.clear()
