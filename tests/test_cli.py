@@ -198,3 +198,18 @@ def test_a_failing_run_ends_with_fidels_line(tiny_project, tmp_path):
     assert done.returncode == 2 and lines[-1].startswith(f"error: {broken}: not a sentencepiece model"), done.stderr
     assert "Traceback" not in done.stderr and "temporary server" not in done.stderr
     assert "not a sentencepiece model" in (tmp_path / "out" / "logs" / "prefect.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_temporary_server_too_slow_to_start_is_one_line_naming_the_setting(tiny_project, tmp_path):
+    import yaml
+
+    settings = tiny_project.flow_settings(tmp_path / "out", f"sqlite:///{tmp_path}/mlflow.db", max_steps=2)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(settings))
+    env = {**os.environ, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1"}
+    env.pop("PREFECT_API_URL", None)
+    done = subprocess.run([*FIDEL, "run", "--config", str(tmp_path / "run.yaml")], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=600, env=env)
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+        "error: Prefect's temporary server did not start within 1 s: raise "
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or set PREFECT_API_URL to a running server"], done.stderr
