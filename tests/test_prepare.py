@@ -124,6 +124,33 @@ def test_manifests_are_jsonl_or_csv_with_the_community_fields(tmp_path):
     assert split[0].audio.as_posix() == "/abs/a.wav" and split[1].audio == tmp_path / "wav" / "b.wav"
 
 
+def test_pairs_are_within_speakers_and_pass_the_data_checks(tiny_project, tmp_path):
+    """pair_rows on made-up features: a NaN conditioning drops every pair it prompts, codes padded past the
+    clip's duration are caught, the rest reach the dataset."""
+    from trainer.datacheck import CheckContext, Tokens
+    from trainer.parquet_data import DatasetBuilder
+    from trainer.prepare import Utterance, pair_rows
+
+    ctx = CheckContext.from_paths(tiny_project.tokenizer, tiny_project.base_config, CheckSettings())
+    texts = tiny_project.am_texts
+    utterances = [Utterance(f"u{i}", texts[i], tmp_path / f"u{i}.wav", f"s{i % 2}", "am", tmp_path / "m.jsonl", i + 1)
+                  for i in range(6)]
+    rng = np.random.default_rng(0)
+    features = {u.id: {"duration": 1.0, "codes": rng.integers(0, 64, 50), "condition": rng.normal(size=(32, 32)),
+                       "emo_vec": rng.normal(size=32)} for u in utterances}
+    features["u2"]["condition"][3, 4] = np.nan
+    features["u5"]["codes"] = rng.integers(0, 64, 80)  # 80 codes for 1 s: padded
+    settings = PrepareSettings("c", "w", "x")
+    builder = DatasetBuilder(tmp_path, ctx)
+    rows = pair_rows("train", utterances, features, Tokens.of({u.text for u in utterances}, ctx), ctx, settings,
+                     builder)
+    builder.abort()
+    assert len(rows) == 12 and all(int(r.pair.target_id[1]) % 2 == int(r.pair.prompt_id[1]) % 2 for r in rows)
+    dropped = {r.pair.id: {f.check for f in r.findings} for r in rows if r.dropped}
+    assert dropped == {**{r.pair.id: {"non_finite"} for r in rows if r.pair.prompt_id == "u2"},
+                       **{r.pair.id: {"padded_codes"} for r in rows if r.pair.target_id == "u5"}}
+
+
 def prepare_args(tiny_project, tiny_models, corpus, out, **settings):
     paths = tiny_models[0]
     splits = {"train": [str(corpus["train"])], "val": [str(corpus["val"])]}

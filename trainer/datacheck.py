@@ -178,13 +178,18 @@ def load_feature(role: str, path: Path, ctx: CheckContext) -> tuple[np.ndarray |
     if shaped is None:
         return None, ("wrong_shape", f"{role} file {path.name} has shape {list(array.shape)}, want "
                                      f"{expected_shape(role, ctx.cfg)}")
-    if not want_int:
-        if not np.isfinite(shaped).all():
-            return None, ("non_finite", f"{role} file {path.name} holds NaN or inf")
-        if ctx.settings.cond_dtype == "float16" and np.abs(shaped).max(initial=0.0) > FP16_MAX:
-            return None, ("fp16_overflow", f"{role} file {path.name} has |x| up to {np.abs(shaped).max():.3g}, "
-                                           "beyond float16; build with --cond-dtype float32")
-    return shaped, None
+    problem = None if want_int else float_problem(role, f"file {path.name}", shaped, ctx)
+    return (None, problem) if problem else (shaped, None)
+
+
+def float_problem(role: str, name: str, array: np.ndarray, ctx: CheckContext) -> tuple[str, str] | None:
+    """A conditioning or emotion vector must be finite, and within float16 when the dataset stores float16."""
+    if not np.isfinite(array).all():
+        return "non_finite", f"{role} {name} holds NaN or inf"
+    if ctx.settings.cond_dtype == "float16" and np.abs(array).max(initial=0.0) > FP16_MAX:
+        return "fp16_overflow", (f"{role} {name} has |x| up to {np.abs(array).max():.3g}, beyond float16; build with "
+                                 "--cond-dtype float32")
+    return None
 
 
 def audio_duration(path: Path | None) -> float | None:

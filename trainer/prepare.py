@@ -45,6 +45,7 @@ from trainer.datacheck import (
     Tokens,
     checked_report,
     code_problems,
+    float_problem,
     text_problems,
 )
 from trainer.distributed import Dist
@@ -348,6 +349,8 @@ def pair_rows(split: str, utterances: list[Utterance], features: dict[str, dict]
         ids = tokens.ids.get(target.text)
         found = text_problems(pair, ids, tokens.share.get(target.text), None, ctx, facts)
         found += code_problems(pair, codes, ctx, facts)
+        found += [problem for role in ("condition", "emo_vec")
+                  if (problem := float_problem(role, f"of prompt {prompt_id}", source[role], ctx))]
         row = Row(split, index, pair, facts)
         for name, detail in found:
             row.add(name, detail)
