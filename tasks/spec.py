@@ -66,6 +66,8 @@ class RunSpec:
                 path.open("rb").close()
             except OSError as exc:
                 raise FidelError(path, f"{key}: not readable ({exc.strerror})") from None
+        if self.prepare:
+            PrepareSettings(**self.prepare).models.files()  # the weights the prepare stage loads
 
     def launch_options(self, node_rank: int | None = None) -> LaunchOptions:
         """launch.*, with this machine's node rank when the flow is given one (one run file for every node)."""
