@@ -117,7 +117,7 @@ def run_prepare(args: argparse.Namespace) -> int:
         print(f"  {d['where']}: utterance {d['id']}: {d['check']}: {d['detail']} [dropped before features]")
     if len(result.dropped) > args.show:
         print(f"  … {len(result.dropped) - args.show} more dropped utterances "
-              "(counts in dataset.json: prepare.dropped_by_check)")
+              "(all in dataset.json: prepare.dropped_rows)")
     from trainer.datacheck import write_report_files
 
     written = write_report_files(result.report, args.out / "report")

@@ -179,6 +179,7 @@ def test_sigterm_stops_after_the_batch_and_the_same_command_finishes_the_same_da
     whole = prepare(*prepare_args(tiny_project, tiny_models, corpus, tmp_path / "whole", batch_size=2, shard_size=3))
     assert whole.status == "completed", [f.text() for f in whole.report.findings]
     assert [d["check"] for d in whole.dropped] == ["missing_audio"]
+    assert [d["id"] for d in whole.info["prepare"]["dropped_rows"]] == ["u90"]
     calls = []
 
     def sigterm_after_first_batch(done, todo):

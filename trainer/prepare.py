@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -384,11 +385,9 @@ def build_prepared(splits: dict[str, list[str]], utterances: dict[str, list[Utte
     if not report.passed:
         builder.abort()
         return report, None
-    counts: dict[str, int] = {}
-    for d in dropped:
-        counts[d["check"]] = counts.get(d["check"], 0) + 1
-    extra = {"prepare": {"utterances": total, "dropped": len(dropped), "dropped_by_check": counts,
-                         "settings": asdict(settings)}}
+    counts = Counter(d["check"] for d in dropped)
+    extra = {"prepare": {"utterances": total, "dropped": len(dropped), "dropped_by_check": dict(counts),
+                         "dropped_rows": dropped, "settings": asdict(settings)}}
     return report, write_dataset(builder, report, fingerprint, config, extra)
 
 
