@@ -508,6 +508,9 @@ CASES: list[Case] = [
     Case("disk full at a later save", "faults", full_disk, "no space left on device"),
     Case("export into a read-only folder", "outputs",
          lambda ws: export_args(ws, ws.tmpfs("ro_export", "1m", read_only=True) / "export"), "not writable"),
+    Case("export into an existing read-only folder", "outputs",
+         lambda ws: export_args(ws, ws.tmpfs("ro_export", "1m", read_only=True)),
+         "export not written, nothing kept: cannot write: not writable (Read-only file system)"),
 
     # --- run.yaml: every setting checked before Prefect, MLflow or any stage starts
     Case("run file missing", "run.yaml", lambda ws: ["run", "--config", str(ws.root / "absent.yaml")],
@@ -747,3 +750,19 @@ def test_data_check_flags_one_id_with_two_contents(workspace: Workspace):
     found = [f for f in report.findings if f.check == "id_conflict"]
     assert [(f.line, f.pair_id, f.action) for f in found] == [(6, records[2]["id"], "dropped")]
     assert "train.jsonl:3" in found[0].detail and "target_text" in found[0].detail
+
+
+def test_a_save_refused_by_a_read_only_disk_is_one_line_and_leaves_the_newest(workspace: Workspace):
+    import torch
+
+    from trainer.checkpoint import latest_valid_checkpoint, save_checkpoint
+    from trainer.errors import FidelError
+
+    disk = workspace.tmpfs("disk", "1m")
+    save_checkpoint(disk, 1, {"x": torch.zeros(4)}, {})
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    with pytest.raises(FidelError) as refused:
+        save_checkpoint(disk, 2, {"x": torch.ones(4)}, {})
+    assert "not writable (Read-only file system)" in str(refused.value) and "ckpt-step00000001.pt is intact" in str(
+        refused.value)
+    assert latest_valid_checkpoint(disk)[0].name == "ckpt-step00000001.pt"

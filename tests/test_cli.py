@@ -213,3 +213,18 @@ def test_a_temporary_server_too_slow_to_start_is_one_line_naming_the_setting(tin
     assert done.returncode == 1 and done.stderr.strip().splitlines() == [
         "error: Prefect's temporary server did not start within 1 s: raise "
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or set PREFECT_API_URL to a running server"], done.stderr
+
+
+def test_an_unexpected_error_is_one_line_with_the_traceback_in_a_file(monkeypatch, capsys):
+    import flows.cli as cli
+
+    def broken(args):
+        raise RuntimeError("something fidel did not foresee")
+
+    monkeypatch.setattr(cli, "cmd_options", broken)
+    assert main(["options"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unexpected RuntimeError: something fidel did not foresee (traceback in ")
+    saved = Path(err.removesuffix(")").rsplit("traceback in ", 1)[1])
+    assert "Traceback" in saved.read_text() and "\n" not in err
+    saved.unlink()

@@ -140,8 +140,8 @@ def save_checkpoint(folder: Path, step: int, state: dict, sidecar: dict) -> Save
                 "step": step, **sidecar}
         atomic_write_json(sidecar_path(path), meta)
     except FidelError as exc:
-        if not sidecar_path(path).is_file():
-            path.unlink(missing_ok=True)  # a checkpoint without its sidecar never verifies: do not leave one
+        if path.is_file() and not sidecar_path(path).is_file():
+            path.unlink()  # a checkpoint without its sidecar never verifies: do not leave one
         newest, _ = latest_valid_checkpoint(folder)
         raise FidelError(exc.path, f"{exc.problem}: checkpoint of step {step} not saved; newest valid checkpoint "
                                    f"{newest.name if newest else '(none)'} is intact") from None

@@ -72,8 +72,9 @@ def write_export(weights: dict[str, torch.Tensor], out: Path, tokenizer: str | P
 
 
 def remove_export(out: Path) -> None:
-    for name in EXPORT_FILES:
-        (out / name).unlink(missing_ok=True)
+    for path in (out / name for name in EXPORT_FILES):
+        if path.is_file():  # unlink of a missing file on a read-only disk is EROFS, not ENOENT
+            path.unlink()
 
 
 def remove_stale_temp_files(out: Path) -> None:
