@@ -370,8 +370,8 @@ class TrainConfig:
     base_tokenizer: str | None = option(
         None, help="the base sentencepiece model: when given, the tokenizer must keep its pieces at the same ids",
         yaml=False)
-    resume: str | None = option(None, help="a checkpoint path, or 'auto' for the newest valid one (unset: fresh)",
-                                yaml=False)
+    resume: str | None = option(None, help="a checkpoint path (a community trainer's is triaged, then imported "
+                                           "once), or 'auto' for the newest valid one (unset: fresh)", yaml=False)
     epochs: int = option(10, help="passes over the training data (when max_steps is unset)", min=1)
     max_steps: int | None = option(None, help="optimizer steps to train to (unset: epochs decide)", min=1,
                                    zero_means_unset=True)
