@@ -51,7 +51,7 @@ from trainer.datacheck import (
 )
 from trainer.distributed import Dist
 from trainer.errors import FidelError
-from trainer.features import AudioLimits, FeatureModels, ModelPaths, clip_features, read_audio
+from trainer.features import SAMPLE_RATE, AudioLimits, FeatureModels, ModelPaths, clip_features, read_audio
 from trainer.options import check, device_problem, option
 from trainer.parquet_data import DatasetBuilder, guard_outputs, read_dataset_info, write_dataset
 from trainer.tokenizer import sha256_file
@@ -281,9 +281,10 @@ def shard_jobs(utterances: dict[str, list[Utterance]], shard_size: int, folder: 
 
 
 def run_shard(job: ShardJob, models: FeatureModels, settings: PrepareSettings, schema: pa.Schema, stop,
-              on_batch: Callable[[int], None]) -> tuple[bool, int]:
-    """(finished, clips computed). The batches are a function of the shard's audio alone, so a resumed shard
-    computes the batches the interrupted run had not, exactly as an uninterrupted run would."""
+              on_batch: Callable[[int], None]) -> bool:
+    """Whether the shard finished (else a stop was asked for and its finished batches are kept). The batches are a
+    function of the shard's audio alone, so a resumed shard computes the batches the interrupted run had not,
+    exactly as an uninterrupted run would."""
     rows = rows_of(read_arrow(job.partial_path)) if job.partial_path.is_file() else []
     have = {r["id"] for r in rows}
     loaded, dropped = [], []
@@ -295,24 +296,22 @@ def run_shard(job: ShardJob, models: FeatureModels, settings: PrepareSettings, s
         else:
             loaded.append((u, wave))
     loaded.sort(key=lambda item: (len(item[1]), item[0].id))
-    computed = 0
     for start in range(0, len(loaded), settings.batch_size):
         batch = loaded[start:start + settings.batch_size]
         if all(u.id in have for u, _ in batch):
             continue
         for (u, wave), clip in zip(batch, clip_features(models, [w for _, w in batch]), strict=True):
-            rows.append({"id": u.id, "duration": len(wave) / 16000, "codes": clip.codes, "condition": clip.condition,
-                         "emo_vec": clip.emo_vec})
-        computed += len(batch)
+            rows.append({"id": u.id, "duration": len(wave) / SAMPLE_RATE, "codes": clip.codes,
+                         "condition": clip.condition, "emo_vec": clip.emo_vec})
         on_batch(len(batch))
         if stop.requested and start + settings.batch_size < len(loaded):
             write_arrow(job.partial_path, rows, schema)
-            return False, computed
+            return False
     write_arrow(job.data_path, rows, schema)
     atomic_write_json(job.done_path, {"rows": len(rows), "dropped": dropped, "bytes": job.data_path.stat().st_size,
                                       "sha256": sha256_file(job.data_path)})
     job.partial_path.unlink(missing_ok=True)
-    return True, computed
+    return True
 
 
 def read_done(job: ShardJob) -> dict | None:
@@ -422,6 +421,37 @@ def claim_shards(out_dir: Path, fingerprint: str) -> Path:
     return folder
 
 
+def compute_shards(jobs: list[ShardJob], settings: PrepareSettings, device: torch.device, ctx: CheckContext, stop,
+                   on_batch: Callable[[int, int], None] | None) -> int:
+    """Features of the shards (of this rank) not done yet, until a stop is asked for; returns the clips computed."""
+    todo = [job for job in jobs if read_done(job) is None]
+    if not todo:
+        return 0
+    models = FeatureModels.load(settings.models, device)
+    schema = shard_schema(models.model_dim, ctx.cfg.condition_num_latent)
+    total, done = sum(len(job.utterances) for job in todo), 0
+
+    def progress(n: int) -> None:
+        nonlocal done
+        done += n
+        if on_batch is not None:
+            on_batch(done, total)
+
+    for job in todo:
+        if not run_shard(job, models, settings, schema, stop, progress) or stop.requested:
+            break
+    return done
+
+
+def wait_for_shards(jobs: list[ShardJob], stop) -> bool:
+    """Rank 0: True once every rank's shards are recorded done, False if a stop is asked for first."""
+    while not all(read_done(job) is not None for job in jobs):
+        if stop.requested:
+            return False
+        time.sleep(1.0)
+    return True
+
+
 def prepare(splits: dict[str, list[str]], tokenizer: str | Path, config: str | Path, out_dir: str | Path,
             settings: PrepareSettings, checks: CheckSettings | None = None,
             on_batch: Callable[[int, int], None] | None = None, stop=None) -> PrepareResult:
@@ -449,33 +479,14 @@ def prepare(splits: dict[str, list[str]], tokenizer: str | Path, config: str | P
     if info is not None and info.get("fingerprint") == fingerprint and all(
             Path(r["path"]).is_file() for r in info["splits"].values()):
         return PrepareResult("completed", str(out_dir), info=info, reused=True)
-    folder = claim_shards(out_dir, features_fp)
-    jobs = shard_jobs(utterances, settings.shard_size, folder)
-    mine = [job for job in jobs[env.rank::env.world] if read_done(job) is None]
+    jobs = shard_jobs(utterances, settings.shard_size, claim_shards(out_dir, features_fp))
     started = time.monotonic()
-    computed = 0
     with StopRequest() if stop is None else nullcontext(stop) as stopper:
-        if mine:
-            models = FeatureModels.load(settings.models, device)
-            schema = shard_schema(models.model_dim, ctx.cfg.condition_num_latent)
-            todo = sum(len(job.utterances) for job in mine)
-
-            def progress(n: int) -> None:
-                nonlocal computed
-                computed += n
-                if on_batch is not None:
-                    on_batch(computed, todo)
-
-            for job in mine:
-                finished, _ = run_shard(job, models, settings, schema, stopper, progress)
-                if not finished or stopper.requested:
-                    return PrepareResult("preempted", str(out_dir), computed, time.monotonic() - started)
-        if not env.main:
-            return PrepareResult("shards_done", str(out_dir), computed, time.monotonic() - started)
-        while not all(read_done(job) is not None for job in jobs):  # the other ranks' shards
-            if stopper.requested:
-                return PrepareResult("preempted", str(out_dir), computed, time.monotonic() - started)
-            time.sleep(1.0)
+        computed = compute_shards(jobs[env.rank::env.world], settings, device, ctx, stopper, on_batch)
+        if stopper.requested or (env.main and not wait_for_shards(jobs, stopper)):
+            return PrepareResult("preempted", str(out_dir), computed, time.monotonic() - started)
+    if not env.main:
+        return PrepareResult("shards_done", str(out_dir), computed, time.monotonic() - started)
     dropped = [d for job in jobs for d in read_done(job)["dropped"]]
     report, info = build_prepared(splits, utterances, jobs, ctx, config, out_dir, settings, fingerprint, dropped)
     return PrepareResult("completed" if info else "failed", str(out_dir), computed, time.monotonic() - started,
