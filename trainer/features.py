@@ -105,6 +105,17 @@ class ModelPaths:
         return files
 
 
+def require_upstream() -> None:
+    """fidel prepare runs upstream's own modules: say how to install them instead of an ImportError."""
+    try:
+        import indextts.gpt.model_v2  # noqa: F401
+        import indextts.utils.maskgct_utils  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        raise FidelError(None, f"fidel prepare needs indextts2-inference and transformers ({exc}): "
+                               "pip install -e '.[prepare]'") from None
+
+
 @dataclass
 class FeatureModels:
     extractor: object  # SeamlessM4TFeatureExtractor

@@ -51,7 +51,15 @@ from trainer.datacheck import (
 )
 from trainer.distributed import Dist
 from trainer.errors import FidelError
-from trainer.features import SAMPLE_RATE, AudioLimits, FeatureModels, ModelPaths, clip_features, read_audio
+from trainer.features import (
+    SAMPLE_RATE,
+    AudioLimits,
+    FeatureModels,
+    ModelPaths,
+    clip_features,
+    read_audio,
+    require_upstream,
+)
 from trainer.options import check, device_problem, option
 from trainer.parquet_data import DatasetBuilder, guard_outputs, read_dataset_info, write_dataset
 from trainer.tokenizer import sha256_file
@@ -464,6 +472,7 @@ def prepare(splits: dict[str, list[str]], tokenizer: str | Path, config: str | P
     out_dir = Path(out_dir)
     checks = checks or CheckSettings(cond_dtype=settings.cond_dtype)
     env = rank_env()
+    require_upstream()
     model_files = settings.models.files()
     guard_outputs(out_dir, list(splits))
     utterances = read_splits(splits)
