@@ -148,7 +148,10 @@ def test_fidel_train_resume_of_a_broken_run_stops_and_writes_nothing(tiny_projec
 
 
 def test_fidel_train_resume_refuses_what_triage_refuses(tiny_project, fixed, tmp_path, capsys):
-    """Another vocabulary, a truncated file, a pruned export, another lineage in the output dir: one line each."""
+    """Another vocabulary, a truncated file, a pruned export, a pickle that runs code, --max-steps not beyond the
+    run, another lineage in the output dir: one line each."""
+    from test_triage import Payload
+
     from flows.cli import main
     from trainer.community_run import prune_export
 
@@ -158,15 +161,19 @@ def test_fidel_train_resume_refuses_what_triage_refuses(tiny_project, fixed, tmp
     truncated = tmp_path / "model_step9000.pth"
     truncated.write_bytes(fixed.read_bytes()[:200_000])
     pruned = prune_export(fixed, tmp_path / "gpt_pruned.pth", "float16")
+    marker, hostile = tmp_path / "owned", tmp_path / "latest.pth"
+    torch.save({"model": {"w": torch.zeros(1)}, "step": Payload(marker)}, hostile)
     cases = [(other_vocab, "triage: refuse, not resumable: vocabulary rows do not match the tokenizer"),
              (train_args(tiny_project, out, truncated, STEP + 1), "triage: quarantine, not resumable: unreadable or truncated"),
              (train_args(tiny_project, out, pruned, STEP + 1), "triage: fresh, not resumable: weights only"),
+             (train_args(tiny_project, out, hostile, STEP + 1), "triage: hostile, not resumable: refused: the pickle"),
              (train_args(tiny_project, out, fixed, STEP), f"checkpoint is at step {STEP}: give --max-steps beyond it")]
     for args, expected in cases:
         assert main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and expected in err[0], err
         assert not out.exists()
+    assert not marker.exists()
 
     fresh = train_args(tiny_project, out, fixed, 1)  # another lineage in the output dir: never continued in its place
     assert main(fresh[:fresh.index("--resume")] + fresh[fresh.index("--resume") + 2:]) == 0
