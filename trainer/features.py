@@ -164,7 +164,7 @@ def load_w2v_bert(folder: Path):
     if model.config.hidden_size != FEATURE_DIM or model.config.num_hidden_layers < HIDDEN_LAYER:
         raise FidelError(folder, f"w2v-BERT has width {model.config.hidden_size} and {model.config.num_hidden_layers} "
                                  f"layers; IndexTTS2 reads layer {HIDDEN_LAYER} of a {FEATURE_DIM}-wide model")
-    return extractor, model.eval()
+    return extractor, model.float().eval()  # fp32 as upstream runs it, whatever dtype the weights are stored in
 
 
 def load_codec(section: dict, path: Path) -> torch.nn.Module:
