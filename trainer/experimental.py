@@ -35,7 +35,6 @@ from trainer.checkpoint import (
     NAME,
     atomic_write_bytes,
     file_sha256,
-    latest_valid_checkpoint,
     rng_state,
     save_checkpoint,
     sidecar_path,
@@ -50,6 +49,7 @@ from trainer.train import (
     TrainResult,
     build_model,
     lineage_of,
+    resolve_resume,
     train,
     trainable_state,
 )
@@ -237,7 +237,6 @@ def experimental_resume(checkpoint: str | Path, tc: TrainConfig, text_loss_thres
     they become the new lineage's base, written to OUTPUT_DIR/base/gpt.pth (give that as --base-checkpoint when
     resuming this run later)."""
     from trainer.gates import GateConfig, validation_hook
-    from trainer.train import resolve_resume
 
     path = Path(checkpoint)
     out = Path(tc.output_dir)
@@ -302,17 +301,15 @@ def community_resume(tc: TrainConfig, path: Path, log: Callable[[str], None]) ->
     return continue_community(path, tc, candidate, log)
 
 
-def earlier_import(out: Path, source_sha256: str, log: Callable[[str], None]) -> Path | None:
-    """The newest valid checkpoint in out, when its lineage was imported from the file with this sha256; None when
-    out holds no checkpoint. A lineage of anything else is never continued in its place."""
-    newest, rejected = latest_valid_checkpoint(out)
-    for skipped, problem in rejected:
-        log(f"skipping {skipped.name}, newer than the checkpoint resumed: {problem}")
+def earlier_import(tc: TrainConfig, source_sha256: str, log: Callable[[str], None]) -> Path | None:
+    """The newest valid checkpoint in tc.output_dir, when its lineage was imported from the file with this sha256;
+    None when it holds no checkpoint. A lineage of anything else is never continued in its place."""
+    newest = resolve_resume(replace(tc, resume="auto"), log)
     if newest is None:
         return None
     imported = (torch_load(newest, mmap=True).get("lineage") or {}).get("imported") or {}
     if imported.get("source_sha256") != source_sha256:
-        raise FidelError(out, f"already holds checkpoints of another lineage (newest {newest.name}), not imported "
+        raise FidelError(tc.output_dir, f"already holds checkpoints of another lineage (newest {newest.name}), not imported "
                               "from this file: choose a new --output-dir, or --resume auto to continue them")
     return newest
 
@@ -321,7 +318,7 @@ def base_rows_note(record: dict, candidate: dict, base_rows: int, base_path: str
     restored = record["rows_restored"]["text_embedding.weight"]
     if not any(record["rows_restored"].values()):
         return f"base rows already bit-identical to the base ({base_rows} rows): nothing to restore"
-    shrink = candidate["evidence"]["change"]["text_embedding.weight"].get("ratio_median")
+    shrink = next(c["ratio_median"] for c in candidate["evidence"]["change"].values() if "ratio_median" in c)
     return (f"base rows restored to the base: {restored}/{base_rows} embedding rows (weight decay had shrunk them to "
             f"×{shrink:.5f}) written back from {base_path}, their Adam moments zero; fidel trains them frozen")
 
@@ -341,7 +338,7 @@ def continue_community(path: Path, tc: TrainConfig, candidate: dict, log: Callab
     only read."""
     out = Path(tc.output_dir)
     sha = candidate["evidence"]["integrity"]["sha256"]
-    earlier = earlier_import(out, sha, log)
+    earlier = earlier_import(tc, sha, log)
     if earlier is not None:
         log(f"{path.name} was imported into {out} before: continuing that lineage from {earlier.name}")
         return earlier
