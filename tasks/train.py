@@ -141,7 +141,7 @@ def launched_training(tc, tracker: Tracker | None, launch) -> TrainResult:
     problems = [r for r in results.values() if isinstance(r, str)]
     if problems:
         raise FidelError(None, problems[0])
-    return results[0]
+    return results[min(results)]  # keyed by torchrun's own global ranks: the lowest is this machine's local rank 0
 
 
 def preempted_at_newest(output_dir: Path, reason: str) -> TrainResult:

@@ -240,3 +240,38 @@ def test_the_flow_training_stage_runs_in_torchrun_workers(tiny_project, make_tra
     for mine, theirs in zip(launched.val_history, single.val_history, strict=True):
         for key in ("val_text_loss", "val_mel_loss"):
             assert mine[key] == pytest.approx(theirs[key], rel=1e-5), key
+
+
+FOLLOWER = """
+import json, sys
+from flows.finetune import finetune
+print("FOLLOWER " + json.dumps(finetune(settings=json.load(open(sys.argv[1])), node_rank=1)))
+"""
+
+
+@pytest.mark.slow
+def test_two_node_flow_node_0_runs_every_stage_node_1_joins_its_training(tiny_project, tmp_path, mlflow_uri):
+    """One run file for both machines; the flow's node_rank parameter tells them apart."""
+    from mlflow import MlflowClient
+
+    from flows.finetune import finetune
+
+    out = tmp_path / "out"
+    run = {**tiny_project.flow_settings(out, mlflow_uri, max_steps=8),
+           "launch": {"nnodes": 2, "rdzv_endpoint": f"127.0.0.1:{free_port()}"}}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    follower = subprocess.Popen([sys.executable, "-c", FOLLOWER, str(tmp_path / "run.json")], cwd=ROOT, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "PREFECT_HOME": str(tmp_path / "node1")})
+    try:
+        summary = finetune(settings=run)
+        stdout, stderr = follower.communicate(timeout=300)
+    finally:
+        follower.kill()
+    assert summary["status"] == "completed" and summary["step"] == 8
+    assert follower.returncode == 0, stderr[-3000:]
+    joined = json.loads(stdout.split("FOLLOWER ", 1)[1])
+    assert joined == {"status": "completed", "node_rank": 1, "step": 8}
+    assert (out / "node-1" / ".fidel.lock").is_file()  # node 1's own lock, beside node 0's
+    history = MlflowClient(mlflow_uri).get_metric_history(summary["mlflow_run_id"], "train_mel_loss")
+    assert history, "rank 0 (on node 0, in a torchrun worker) logs to the flow's MLflow run"

@@ -151,7 +151,7 @@ def tell_workers(nnodes: int, node_rank: int) -> None:
 def launch_function(entrypoint, args: tuple, nproc: int, nnodes: int = 1, node_rank: int = 0,
                     rdzv_endpoint: str | None = None) -> dict:
     """entrypoint(*args) in torchrun's workers, started from Python (the flow's training stage), with the same
-    rendezvous as launch_torchrun: {local rank: return value}. A SIGTERM/SIGINT reaches the workers and raises
+    rendezvous as launch_torchrun: {torchrun's global rank: return value} of this machine's workers. A SIGTERM/SIGINT reaches the workers and raises
     SignalException here; a worker that failed raises ChildFailedError."""
     from torch.distributed.launcher.api import elastic_launch
     from torch.distributed.run import config_from_args, parse_args
