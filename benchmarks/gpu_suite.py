@@ -372,7 +372,7 @@ def goals(report: dict) -> list[tuple[str, str, str]]:
                  verdict(lightest["memory_gib"] <= GOALS["memory_gib_b32"] if lightest else None, dry)))
     stall = items.get("checkpoint_stall", {}).get("background")
     rows.append((f"checkpoint stall ≤ {GOALS['stall_s']:.0f} s per save",
-                 f"{stall['blocked_s_max']:.3f} s (max), write {stall['write_s_median']:.1f} s behind" if stall
+                 f"{stall['blocked_s_max']:.3f} s (max), write {stall['write_s_median']:.3g} s behind" if stall
                  else "—", verdict(stall["blocked_s_max"] <= GOALS["stall_s"] if stall else None, dry)))
     split = items.get("base_rows", {}).get("split", {})
     rows.append(("base rows bit-identical (split)",
