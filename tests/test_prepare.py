@@ -78,6 +78,26 @@ def test_features_equal_what_indextts2_inference_computes(tiny_models, tmp_path)
     assert ours.condition.shape == (32, 32) and ours.emo_vec.shape == (32,)
 
 
+def test_the_conditioning_weights_fidel_loads_are_in_the_official_gpt_pth():
+    """Upstream UnifiedVoice at the release config (on the meta device: shapes only) against the official
+    gpt.pth's key list (tests/data/indextts2_gpt_state_dict.json): every tensor load_conditioning_gpt needs is
+    there with its shape."""
+    from pathlib import Path
+
+    from indextts.gpt.model_v2 import UnifiedVoice
+
+    from trainer.features import CONDITIONING_PREFIXES, quiet_transformers
+    from trainer.layout_fixture import RELEASE_GPT
+
+    quiet_transformers()
+    with torch.device("meta"):
+        gpt = UnifiedVoice(**RELEASE_GPT)
+    wanted = {k: list(v.shape) for k, v in gpt.state_dict().items() if k.startswith(CONDITIONING_PREFIXES)}
+    reference = json.loads((Path(__file__).parent / "data" / "indextts2_gpt_state_dict.json").read_text())
+    official = {entry["name"]: entry["shape"] for entry in reference["keys"]}
+    assert len(wanted) > 300 and {k: official.get(k) for k in wanted} == wanted
+
+
 def test_batched_equals_one_at_a_time_and_each_clip_keeps_its_own_codes(tiny_models):
     _, models = tiny_models
     waves = [voiced(s, i) for i, s in enumerate((0.6, 1.9, 1.0, 0.61))]
