@@ -18,9 +18,10 @@ from trainer.prepare import PrepareSettings, prepare
 DURATIONS = (0.7, 1.3, 0.9, 1.1, 0.75, 1.25)  # two speakers, three clips each
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    """Random-weight w2v-BERT (17 layers, width 1024), RepCodec and UnifiedVoice, saved like the real ones."""
+    """Random-weight w2v-BERT (17 layers, width 1024), RepCodec and UnifiedVoice, saved like the real ones (half a
+    GB in memory: module scope frees it after these tests)."""
     paths = write_tiny_models(tmp_path_factory.mktemp("models"), model_dim=32, codebook=64)
     return paths, FeatureModels.load(paths, torch.device("cpu"))
 
