@@ -101,7 +101,7 @@ def test_the_conditioning_weights_fidel_loads_are_in_the_official_gpt_pth():
 
 def test_batched_equals_one_at_a_time_and_each_clip_keeps_its_own_codes(tiny_models):
     _, models = tiny_models
-    waves = [voiced(s, i) for i, s in enumerate((0.6, 1.9, 1.0, 0.61))]
+    waves = [voiced(s, i) for i, s in enumerate((0.6, 1.9, 1.0, 0.6))]  # two clips of one length share a batch
     batched = clip_features(models, waves)
     for wave, clip in zip(waves, batched, strict=True):
         alone = clip_features(models, [wave])[0]
