@@ -672,7 +672,8 @@ def sigkill_mid_save(ws: Workspace) -> Outcome:
     saved, _ = latest_valid_checkpoint(ws.out)
     step = int(saved.stem.removeprefix("ckpt-step"))
     resume = Case("", "", lambda w: w.train_args("--resume", "auto", "--max-steps", str(step + 2)), "",
-                  may_change=("ckpt-step*",))  # pruned as --keep-checkpoints says
+                  may_change=("ckpt-step*", ".ckpt-step*.tmp"))  # pruned as --keep-checkpoints says; the
+    # killed write's temp file is removed
     outcome = run_case(resume, ws)
     leftovers = [p.name for p in ws.out.glob(".ckpt-step*.tmp")]
     return replace(outcome, changed=outcome.changed + leftovers)
