@@ -495,6 +495,7 @@ CASES: list[Case] = [
          "differs from the config this lineage trained with"),
     Case("export after a killed export", "checkpoints", stale_export_temp, "", code=0,
          may_change=(".gpt.pth.*.tmp",)),
+    Case("export into a file", "outputs", lambda ws: export_args(ws, a_file(ws)), "--out is a file, not a folder"),
     Case("export with a moved base checkpoint", "checkpoints",
          lambda ws: [*export_args(ws), "--base-checkpoint", str(ws.root / "gone" / "gpt.pth")], "gpt.pth"),
 

@@ -51,11 +51,8 @@ def write_export(weights: dict[str, torch.Tensor], out: Path, tokenizer: str | P
                  number_text_tokens: int) -> tuple[Path, Path, Path]:
     """gpt.pth, bpe.model and config.yaml (number_text_tokens updated) into out; refuses to overwrite. A write
     the disk refuses (full, read-only) removes what this export wrote and is one line saying so."""
+    check_export_dir(out)
     targets = [out / name for name in EXPORT_FILES]
-    taken = [p.name for p in targets if p.exists()]
-    if taken:
-        unfinished = "" if (out / "export.json").exists() else " (no export.json: an interrupted export?)"
-        raise FidelError(out, f"already holds {', '.join(taken)}{unfinished}; choose an empty folder")
     remove_stale_temp_files(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -69,6 +66,16 @@ def write_export(weights: dict[str, torch.Tensor], out: Path, tokenizer: str | P
             raise
         raise FidelError(out, f"export not written, nothing kept: {problem}") from None
     return targets[0], targets[1], targets[2]
+
+
+def check_export_dir(out: Path) -> None:
+    """A folder, and none of the export's files in it: nothing is ever overwritten."""
+    if out.exists() and not out.is_dir():
+        raise FidelError(out, "--out is a file, not a folder")
+    taken = [name for name in EXPORT_FILES if (out / name).exists()]
+    if taken:
+        unfinished = "" if (out / "export.json").exists() else " (no export.json: an interrupted export?)"
+        raise FidelError(out, f"already holds {', '.join(taken)}{unfinished}; choose an empty folder")
 
 
 def remove_export(out: Path) -> None:
@@ -103,6 +110,7 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, fp16: bool = False
     base_checkpoint: where the base now lives, if it moved since training; its base rows must hash as recorded.
     """
     checkpoint, out = Path(checkpoint), Path(out_dir)
+    check_export_dir(out)  # before any work
     state, meta = load_checkpoint(checkpoint)
     tc = TrainConfig(**state["train_config"])
     if base_checkpoint is not None:
