@@ -145,3 +145,23 @@ def test_fidel_failures_reach_prefect_logs_as_one_line_without_a_traceback():
                                                     (exc,), sys.exc_info()))
         prefect_tasks.filter(records[-1])
     assert [r.exc_info is None for r in records] == [True, False]  # a bug keeps its traceback
+
+
+def test_with_a_tracking_server_the_flow_links_to_the_mlflow_run_page(tmp_path, caplog):
+    import logging
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from tasks.lineage import link_runs
+    from tasks.tracking import Tracker
+
+    tracker = Tracker("http://mlflow.example:5000", "abc123", "7", resumed=False)
+    with caplog.at_level(logging.INFO, logger="fidel"):
+        link_runs(tracker, tmp_path / "am", logging.getLogger("fidel"))
+    url = "http://mlflow.example:5000/#/experiments/7/runs/abc123?workflowType=machine_learning"
+    assert f"MLflow run abc123: {url}" in caplog.messages
+    with get_client(sync_client=True) as client:
+        [link] = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+            any_=[f"{lineage_key(tmp_path / 'am')}-mlflow"])))
+    assert link.data == f"[MLflow run abc123]({url})"  # Prefect stores a link artifact as markdown
