@@ -386,8 +386,8 @@ CASES: list[Case] = [
     Case("manifest unpaired", "manifests", then(lambda ws: ws.write_records([
         {"id": "a", "text_ids_path": "x.npy", "codes_path": "y.npy", "condition_path": "z.npy"}])),
          "unpaired manifest"),
-    Case("manifest is a folder", "manifests", lambda ws: ws.train_args("--train-manifest", str(ws.root)),
-         "manifest not found"),
+    Case("manifest is a folder", "manifests", lambda ws: ws.train_args(data=(ws.root, ws.project.val_manifest)),
+         "manifest is a folder, not a file"),
     Case("val manifest missing", "manifests", flag("--val-manifest", "/nonexistent/val.jsonl"), "manifest not found"),
     Case("parquet and JSONL mixed", "manifests",
          lambda ws: ws.train_args("--train-manifest", str(ws.root / "data.parquet")), "mixes Parquet"),

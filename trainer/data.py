@@ -72,7 +72,7 @@ def split_manifest_spec(spec: str | Path) -> tuple[Path, str | None]:
 def read_manifest_lines(path: Path) -> list[tuple[int, dict]]:
     """(line number, record) of every non-blank line; FidelError on missing file, bad UTF-8 or bad JSON."""
     if not path.is_file():
-        raise FidelError(path, "manifest not found")
+        raise FidelError(path, "manifest is a folder, not a file" if path.is_dir() else "manifest not found")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8-sig")
