@@ -81,6 +81,12 @@ def flag_names(f: dataclasses.Field, meta: dict) -> list[str]:
     return [meta["flag"] or "--" + f.name.replace("_", "-"), *meta["aliases"]]
 
 
+def negations(f: dataclasses.Field, kind, meta: dict) -> list[str]:
+    """`--no-keep-best` and the like: the flags that turn off a true-or-false option that is on by default."""
+    on = unwrap(kind)[0] is bool and default_of(f) is True
+    return ["--no-" + name[2:] for name in flag_names(f, meta)] if on else []
+
+
 def default_of(f: dataclasses.Field):
     if f.default is not MISSING:
         return f.default
@@ -247,14 +253,14 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, only: tuple[str, ...] 
                       metavar={int: "N", float: "X"}.get(base, "VALUE" if meta["yaml"] else "PATH"))
         if base is bool:
             kwargs.update(nargs=0, const="true")
-            if default is True:
-                parser.add_argument(*["--no-" + n[2:] for n in names], dest=f.name, action=Given, nargs=0,
-                                    const="false", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         elif meta["const"] is not None:
             kwargs.update(nargs="?", const=meta["const"])
         if meta["choices"]:
             kwargs["metavar"] = "{" + ",".join(map(str, meta["choices"])) + "}"
         parser.add_argument(*names, **kwargs)
+        if negations(f, kind, meta):
+            parser.add_argument(*negations(f, kind, meta), dest=f.name, action=Given, nargs=0, const="false",
+                                default=argparse.SUPPRESS, help=f"turn {names[0]} off")
 
 
 def from_args(cls: type, args: argparse.Namespace) -> dict:
@@ -309,7 +315,7 @@ def default_text(f: dataclasses.Field, meta: dict) -> str:
 
 
 def row(f: dataclasses.Field, kind, meta: dict, key: str, default: str) -> str:
-    flags = ", ".join(f"`{n}`" for n in flag_names(f, meta)) or "—"
+    flags = ", ".join(f"`{n}`" for n in flag_names(f, meta) + negations(f, kind, meta)) or "—"
     cells = [f"`{f.name}`", flags, f"`{key}`" if key else "—", default, range_text(kind, meta),
              meta["help"].replace("|", "\\|")]
     return "| " + " | ".join(cells) + " |"
