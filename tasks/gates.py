@@ -92,8 +92,7 @@ def evaluation_gates(spec: RunSpec, result: TrainResult, tracker: Tracker | None
     registered = None
     if tracker is not None:
         name = f"fidel-{lineage_language(spec)}"
-        final = {**{k: v for k, v in result.last_train.items() if isinstance(v, float)},
-                 **{k: v for k, v in end.items() if k.startswith("val_")}}
+        final = {k: v for k, v in {**result.last_train, **end}.items() if k.startswith(("train_", "val_"))}
         model_id = log_export_model(tracker, export_dir, name, result.step, final)
         version = register_export(tracker, name, model_id)
         registered = {"name": name, "version": version, "alias": CANDIDATE_ALIAS}

@@ -220,5 +220,7 @@ def test_killed_deployment_resumes_into_one_clean_mlflow_run(tiny_project, tmp_p
     assert any(k.startswith("system/") for k in run.data.metrics)
     version = mlflow.get_model_version_by_alias("fidel-am", "candidate")
     assert version.run_id == run.info.run_id
-    assert mlflow.list_artifacts(run.info.run_id, "export")
+    [output] = run.outputs.model_outputs  # the export, logged once as the run's model
+    assert output.model_id == run.data.tags["export.model_id"] and output.step == STEPS
+    assert "gpt.pth" in {a.path for a in mlflow.list_logged_model_artifacts(output.model_id)}
     assert [a.path for a in mlflow.list_artifacts(run.info.run_id, "plots")] == ["plots/loss_curves.png"]
