@@ -8,15 +8,13 @@ import os
 import sys
 from pathlib import Path
 
+from trainer.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_PREEMPTED
+
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # Prefect's temporary server waits 20 s by default; a busy 2-core machine needs longer (it starts in ~5-60 s)
 STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 os.environ.setdefault(STARTUP_TIMEOUT, "180")
 
-EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
-# `fidel triage` when no candidate is usable: 3 refused (incompatible: vocabulary, config, lineage), 4 quarantined
-# (corrupt or truncated), 5 hostile (the pickle asks for code). 0: fresh, resume or experimental.
-EXIT_REFUSED, EXIT_QUARANTINED, EXIT_HOSTILE = 3, 4, 5
 
 
 class Parser(argparse.ArgumentParser):
@@ -27,7 +25,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_train_parser(sub) -> None:
-    from trainer.options import LaunchOptions, TrainConfig, add_flags
+    from trainer.training.options import LaunchOptions, TrainConfig, add_flags
 
     p = sub.add_parser("train", help="train directly, no Prefect (community train_gpt_v2.py flags)")
     add_flags(p, TrainConfig)
@@ -49,13 +47,13 @@ def without_option(argv: list[str], name: str) -> list[str]:
 def cmd_train(args) -> int:
     from tasks.lock import AlreadyRunning, OutputDirLock
     from trainer.errors import FidelError
-    from trainer.options import LaunchOptions, from_args
-    from trainer.train import EXIT_PREEMPTED, TrainConfig, TrainHooks, train
+    from trainer.training.options import LaunchOptions, from_args
+    from trainer.training.trainer import TrainConfig, TrainHooks, train
 
     tc = TrainConfig(**from_args(TrainConfig, args))
     launch = LaunchOptions(**from_args(LaunchOptions, args))
     if launch.distributed and "WORLD_SIZE" not in os.environ:
-        from trainer.distributed import launch_torchrun
+        from trainer.training.distributed import launch_torchrun
 
         argv = args.argv  # the workers run the same command, less the launch flags
         for name in ("--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint"):
@@ -137,7 +135,7 @@ def prefect_log_to(log_file: Path) -> None:
 
 def cmd_run(args) -> int:
     from tasks.spec import load_run_spec
-    from trainer.train import check_output_dir
+    from trainer.training.trainer import check_output_dir
 
     spec = load_run_spec(args.config)  # every setting and input checked before Prefect, MLflow or any stage starts
     spec.check_inputs()
@@ -158,11 +156,10 @@ def cmd_run(args) -> int:
 def print_summary(summary: dict) -> None:
     """Every gate, advisory ones marked, and the way to the MLflow run."""
     from tasks.tracking import Tracker
-    from trainer.gates import GateResult
+    from trainer.report import Check, print_report
 
     print(f"\nMLflow run {summary['mlflow_run_id']} (experiment {summary['experiment_id']})")
-    for gate in summary["gates"]:
-        print(f"  {GateResult(**gate).line()}")
+    print_report([Check(**gate) for gate in summary["gates"]], indent="  ")
     print(f"exported model: {summary['export_dir']}")
     tracker = Tracker(summary["tracking_uri"], summary["mlflow_run_id"], summary["experiment_id"], resumed=False)
     print(tracker.how_to_view())
@@ -170,7 +167,7 @@ def print_summary(summary: dict) -> None:
 
 def cmd_options(args) -> int:
     from tasks.spec import RunSpec
-    from trainer.options import LaunchOptions, TrainConfig, markdown_table
+    from trainer.training.options import LaunchOptions, TrainConfig, markdown_table
 
     print(markdown_table(TrainConfig, LaunchOptions, RunSpec), end="")
     return 0
@@ -250,8 +247,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a failed flow stage ends in one line: the reason
         from flows.finetune import Preempted
         from tasks.report import StageFailed
-        from trainer.train import EXIT_PREEMPTED
-
         if isinstance(exc, Preempted):
             print(f"preempted: {exc}", file=sys.stderr)
             return EXIT_PREEMPTED
@@ -271,7 +266,7 @@ def unexpected(exc: BaseException) -> int:
     import tempfile
     import traceback
 
-    from trainer.checkpoint import disk_problem
+    from trainer.training.checkpoint import disk_problem
 
     folder = Path(getattr(exc, "filename", None) or ".").parent
     problem = disk_problem(folder, exc) if isinstance(exc, OSError) else None

@@ -10,7 +10,7 @@ import argparse
 import time
 from pathlib import Path
 
-from trainer.errors import FidelError
+from trainer.errors import EXIT_PREEMPTED, FidelError
 
 
 def settings_of(args: argparse.Namespace):
@@ -30,7 +30,7 @@ def splits_of(args: argparse.Namespace) -> dict[str, list[str]]:
     return splits
 
 
-def print_report(report, out: Path, written: list[Path], shown: int) -> None:
+def print_data_report(report, out: Path, written: list[Path], shown: int) -> None:
     for line in report.summary_lines():
         print(line)
     for finding in report.findings[:shown]:
@@ -46,7 +46,7 @@ def run_check(args: argparse.Namespace) -> int:
     started = time.monotonic()
     report = check_manifests(splits_of(args), args.tokenizer, args.config, settings_of(args))
     written = write_report_files(report, args.out)
-    print_report(report, args.out, written, args.show)
+    print_data_report(report, args.out, written, args.show)
     pairs = sum(s.pairs for s in report.splits.values())
     print(f"{'PASSED' if report.passed else 'FAILED'}: {pairs} pairs checked in {time.monotonic() - started:.1f} s")
     return 0 if report.passed else 1
@@ -59,7 +59,7 @@ def run_build(args: argparse.Namespace) -> int:
     started = time.monotonic()
     report, info = build_dataset(splits_of(args), args.tokenizer, args.config, args.out, settings_of(args))
     written = write_report_files(report, args.out / "report")
-    print_report(report, args.out / "report", written, args.show)
+    print_data_report(report, args.out / "report", written, args.show)
     if info is None:
         print(f"FAILED: nothing built ({time.monotonic() - started:.1f} s)")
         return 1
@@ -86,12 +86,11 @@ def run_prepare(args: argparse.Namespace) -> int:
 
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         from flows.cli import without_option
-        from trainer.distributed import launch_torchrun
+        from trainer.training.distributed import launch_torchrun
 
         return launch_torchrun(args.nproc, without_option(args.argv, "--nproc"))
-    from trainer.options import from_args
+    from trainer.training.options import from_args
     from trainer.prepare import PrepareSettings, prepare
-    from trainer.train import EXIT_PREEMPTED
 
     settings = PrepareSettings(**from_args(PrepareSettings, args))
     checks = settings_of(args)  # cond_dtype included
@@ -121,7 +120,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     from trainer.datacheck import write_report_files
 
     written = write_report_files(result.report, args.out / "report")
-    print_report(result.report, args.out / "report", written, args.show)
+    print_data_report(result.report, args.out / "report", written, args.show)
     if result.info is None:
         print(f"FAILED: nothing built ({time.monotonic() - started:.1f} s)")
         return 1
@@ -131,7 +130,7 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 
 def add_prepare_command(subparsers) -> None:
-    from trainer.options import add_flags
+    from trainer.training.options import add_flags
     from trainer.prepare import PrepareSettings
 
     p = subparsers.add_parser("prepare", help="audio + transcripts → features → the paired Parquet dataset "

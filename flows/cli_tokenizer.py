@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from trainer.errors import FidelError
+from trainer.report import print_report
 from trainer.tokenizer import extend_tokenizer, read_corpus_files, verify_tokenizer
 
 
@@ -43,8 +44,8 @@ def read_checkpoint_text_rows(path: Path) -> int:
     return int(state[keys[0]].shape[0])
 
 
-def print_report(report, json_path: Path | None) -> int:
-    print(report.to_text())
+def show_verify_report(report, json_path: Path | None) -> int:
+    print_report(report.lines)
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -60,7 +61,7 @@ def run_extend(args: argparse.Namespace) -> int:
           f"{record.script_chars_added} script characters{tag} + {record.unigram_pieces_added} unigram pieces")
     print(f"record {Path(record.out_path).with_suffix('.json')}")
     report = verify_tokenizer(args.out, args.base, texts)
-    return print_report(report, None)
+    return show_verify_report(report, None)
 
 
 def run_verify(args: argparse.Namespace) -> int:
@@ -69,7 +70,7 @@ def run_verify(args: argparse.Namespace) -> int:
     checkpoint_rows = read_checkpoint_text_rows(args.checkpoint) if args.checkpoint else None
     report = verify_tokenizer(args.tokenizer, args.base, texts, config_text_tokens=config_tokens,
                               checkpoint_text_rows=checkpoint_rows, max_unused_share=args.max_unused_share)
-    return print_report(report, args.json)
+    return show_verify_report(report, args.json)
 
 
 def run_normalize(args: argparse.Namespace) -> int:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from trainer.errors import EXIT_HOSTILE, EXIT_QUARANTINED, EXIT_REFUSED
+
 
 def print_decision(decision, title: str) -> None:
     from rich.console import Console
@@ -24,7 +26,6 @@ def print_decision(decision, title: str) -> None:
 
 
 def cmd_triage(args) -> int:
-    from flows.cli import EXIT_HOSTILE, EXIT_QUARANTINED, EXIT_REFUSED
     from trainer.triage import Reference, TriagePolicy, triage_path
 
     policy = TriagePolicy(args.policy, args.fresh_below, args.resume_from, args.definitely_from, args.warmup_steps,
@@ -43,8 +44,8 @@ def cmd_triage(args) -> int:
 def cmd_experimental_resume(args) -> int:
     from tasks.gates import gate_tagger
     from trainer.experimental import experimental_resume
-    from trainer.options import TrainConfig, from_args
-    from trainer.train import TrainHooks
+    from trainer.training.options import TrainConfig, from_args
+    from trainer.training.trainer import TrainHooks
 
     tc = TrainConfig(**from_args(TrainConfig, args))
     tracker = None
@@ -72,7 +73,7 @@ RESUME_REQUIRED = ("tokenizer", "config", "base_checkpoint", "output_dir", "max_
 
 
 def add_commands(sub) -> None:
-    from trainer.options import TrainConfig, add_flags
+    from trainer.training.options import TrainConfig, add_flags
 
     t = sub.add_parser("triage", help="inspect checkpoints (fidel or community): fresh, resume, experimental or "
                                       "refuse, with the evidence",

@@ -21,7 +21,8 @@ from trainer.demo_corpus import DemoCorpus, build_demo_corpus, write_paired_mani
 from trainer.errors import FidelError
 from trainer.export import export_model, read_export_record
 from trainer.tokenizer import encode, extend_tokenizer, load_tokenizer, train_base_tokenizer
-from trainer.train import EXIT_PREEMPTED, TrainConfig, TrainHooks, train
+from trainer.errors import EXIT_PREEMPTED
+from trainer.training.trainer import TrainConfig, TrainHooks, train
 
 
 @dataclass
@@ -112,7 +113,7 @@ def base_model_step(root: Path, corpus: DemoCorpus, base_tok: Path, manifests: d
 
 
 def progress_printer(label: str):
-    from trainer.progress import Progress
+    from trainer.training.progress import Progress
 
     bar = {}
 

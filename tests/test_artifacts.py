@@ -8,7 +8,8 @@ from markdown_it import MarkdownIt
 from mlflow import MlflowClient
 
 from tasks.report import lineage_key
-from trainer.gates import GateResult, reasons_markdown, report_markdown
+from trainer.report import Check
+from trainer.gates import reasons_markdown, report_markdown
 from trainer.markdown import table
 
 PARSER = MarkdownIt("commonmark", {"html": True}).enable("table")  # html on: a swallowed tag shows as a token
@@ -34,8 +35,8 @@ def check_renders(markdown: str) -> list[str]:
 
 
 def test_values_with_pipes_and_angle_brackets_render_as_themselves():
-    gates = [GateResult("not_diverging", True, "|Δ| 0.12 < 0.5", "rises <unk> | " + "long " * 40),
-             GateResult("inference_smoke", False, "0/4 stopped", advisory=True)]
+    gates = [Check("not_diverging", True, "|Δ| 0.12 < 0.5", "rises <unk> | " + "long " * 40),
+             Check("inference_smoke", False, "0/4 stopped", advisory=True)]
     check_renders(report_markdown(gates) + "\n" + reasons_markdown(gates))
     rendered = PARSER.render(report_markdown(gates))
     assert "<td>|Δ| 0.12 &lt; 0.5</td>" in rendered and "<td>FAIL (advisory)</td>" in rendered
@@ -120,8 +121,8 @@ def test_a_lineage_tells_its_story_in_both_uis(tiny_project, tmp_path, mlflow_ur
 def test_the_final_summary_lists_every_gate_advisory_ones_marked(capsys):
     from flows.cli import print_summary
 
-    gates = [GateResult("finite", True, "all finite").to_dict(),
-             GateResult("inference_smoke", False, "0/4 stopped", advisory=True).to_dict()]
+    gates = [Check("finite", True, "all finite").to_dict(),
+             Check("inference_smoke", False, "0/4 stopped", advisory=True).to_dict()]
     print_summary({"mlflow_run_id": "abc", "experiment_id": "1", "gates": gates, "export_dir": "/x/export",
                    "tracking_uri": "sqlite:///mlruns/mlflow.db"})
     out = capsys.readouterr().out

@@ -270,7 +270,7 @@ def resume_args(ws: Workspace, resume: str, *extra: str) -> list[str]:
 
 def full_disk(ws: Workspace) -> list[str]:
     """Room for the up-front check (one checkpoint) and a save or two, not for all four."""
-    from trainer.checkpoint import latest_valid_checkpoint
+    from trainer.training.checkpoint import latest_valid_checkpoint
 
     size = newest(ws).stat().st_size + newest(ws).with_suffix(".json").stat().st_size
     disk = ws.tmpfs("disk", f"{(int(size * 1.5) + (1 << 20)) // 4096 * 4096 + 4096}")
@@ -612,7 +612,8 @@ def retarget(checkpoint: Path, project) -> None:
     """Rewrite a copied checkpoint's recorded paths to the project copy (and its sidecar's hash)."""
     import torch
 
-    from trainer.checkpoint import atomic_write_json, file_sha256, sidecar_path
+    from trainer.hashing import file_sha256
+    from trainer.training.checkpoint import atomic_write_json, sidecar_path
 
     state = torch.load(checkpoint, weights_only=False)
     state["train_config"].update(tokenizer=str(project.tokenizer), config=str(project.base_config),
@@ -668,7 +669,7 @@ def sigkill_mid_save(ws: Workspace) -> Outcome:
     proc = start_training(ws, "--save-every", "1", "--keep-checkpoints", "2")
     time.sleep(0.5)
     finish(proc, signal.SIGKILL)
-    from trainer.checkpoint import latest_valid_checkpoint
+    from trainer.training.checkpoint import latest_valid_checkpoint
 
     saved, _ = latest_valid_checkpoint(ws.out)
     step = int(saved.stem.removeprefix("ckpt-step"))
@@ -684,7 +685,7 @@ def sigterm_keep_zero(ws: Workspace) -> Outcome:
     """--keep-checkpoints 0 then SIGTERM: the checkpoint announced is the one kept, and the resume starts there."""
     proc = start_training(ws, "--keep-checkpoints", "0", "--save-every", "3")
     code, err = finish(proc, signal.SIGTERM)
-    from trainer.checkpoint import latest_valid_checkpoint
+    from trainer.training.checkpoint import latest_valid_checkpoint
 
     saved, _ = latest_valid_checkpoint(ws.out)
     lines = [line for line in err.splitlines() if line.strip()]
@@ -757,7 +758,7 @@ def test_data_check_flags_one_id_with_two_contents(workspace: Workspace):
 def test_a_save_refused_by_a_read_only_disk_is_one_line_and_leaves_the_newest(workspace: Workspace):
     import torch
 
-    from trainer.checkpoint import latest_valid_checkpoint, save_checkpoint
+    from trainer.training.checkpoint import latest_valid_checkpoint, save_checkpoint
     from trainer.errors import FidelError
 
     disk = workspace.tmpfs("disk", "1m")

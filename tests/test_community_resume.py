@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.checkpoint import file_sha256, list_checkpoints, read_sidecar
+from trainer.hashing import file_sha256
+from trainer.training.checkpoint import list_checkpoints, read_sidecar
 from trainer.community_run import Project, TrainerFlags, community_run
 from trainer.triage import Reference
 from trainer.weights import torch_load

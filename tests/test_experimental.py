@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.checkpoint import file_sha256
+from trainer.hashing import file_sha256
 from trainer.community_run import Project, TrainerFlags, community_run
 from trainer.experimental import backup_checkpoint, experimental_resume, repair_community_state
 from trainer.weights import torch_load, upstream_keys_of

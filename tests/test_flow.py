@@ -160,9 +160,9 @@ def test_a_failed_gate_finishes_the_lineage_and_reruns_fail_fast(tiny_project, t
     import tasks.gates
     from flows.finetune import finetune
     from tasks.gates import GatesFailed
-    from trainer.gates import GateResult
+    from trainer.report import Check
 
-    monkeypatch.setattr(tasks.gates, "not_diverging", lambda losses: GateResult("not_diverging", False, "forced",
+    monkeypatch.setattr(tasks.gates, "not_diverging", lambda losses: Check("not_diverging", False, "forced",
                                                                                  "validation loss diverged"))
     out = tmp_path / "out"
     with pytest.raises(GatesFailed, match="gate not_diverging failed"):

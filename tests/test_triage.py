@@ -164,7 +164,7 @@ def test_latest_pth_loads_with_its_torch_version_and_numpy_rng(runs):
 
 @pytest.mark.slow
 def test_fidel_checkpoints_young_and_old_resume_with_lineage(runs, make_train_config, tmp_path):
-    from trainer.train import train
+    from trainer.training.trainer import train
 
     p = runs["project"]
     tc = make_train_config(p, tmp_path / "fidel", max_steps=6, save_interval=1, keep_last=10, val_interval=3)
@@ -231,7 +231,8 @@ def test_decision_is_json_and_markdown(runs):
 
 
 def test_cli_prints_the_table_writes_json_and_exits_by_finding(runs, tmp_path, capsys):
-    from flows.cli import EXIT_HOSTILE, EXIT_QUARANTINED, EXIT_REFUSED, main
+    from flows.cli import main
+    from trainer.errors import EXIT_HOSTILE, EXIT_QUARANTINED, EXIT_REFUSED
 
     p = runs["project"]
     ref = ["--base", str(p.base_checkpoint), "--tokenizer", str(p.tokenizer)]

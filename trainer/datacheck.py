@@ -22,7 +22,8 @@ from trainer.config import GPTConfig, load_gpt_config
 from trainer.data import FRAME_RATE, Pair, read_manifest, read_npy, split_manifest_spec
 from trainer.errors import FidelError
 from trainer.text import normalize_text, script_share
-from trainer.tokenizer import load_tokenizer, sha256_file
+from trainer.hashing import file_sha256
+from trainer.tokenizer import load_tokenizer
 
 DROPPED, REPAIRED = "dropped", "repaired"
 # check -> (action, what it means); the report lists them in this order
@@ -94,7 +95,7 @@ class CheckContext:
         def encode_many(normalised: list[str]) -> list[list[int]]:  # = trainer.tokenizer.encode, batched
             return sp.encode(normalised, out_type=int) if normalised else []
 
-        return cls(cfg, encode_many, str(tokenizer), sha256_file(tokenizer), settings or CheckSettings(), sp.unk_id())
+        return cls(cfg, encode_many, str(tokenizer), file_sha256(tokenizer), settings or CheckSettings(), sp.unk_id())
 
 
 @dataclass
@@ -586,7 +587,7 @@ def checked_report(splits: dict[str, Sequence[str]], split_rows: dict[str, list[
     summaries = {name: summarise(rows) for name, rows in split_rows.items()}
     report = DataReport(
         manifests={k: [str(s) for s in v] for k, v in splits.items()},
-        manifest_sha256={str(s): sha256_file(split_manifest_spec(s)[0]) for specs in splits.values() for s in specs},
+        manifest_sha256={str(s): file_sha256(split_manifest_spec(s)[0]) for specs in splits.values() for s in specs},
         tokenizer=ctx.tokenizer_path, tokenizer_sha256=ctx.tokenizer_sha256, settings=ctx.settings.to_dict(),
         splits=summaries, findings=[f for r in everything for f in r.findings],
         fatal=fatal_problems(split_rows, summaries, ctx))

@@ -31,19 +31,19 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import (
+from trainer.hashing import file_sha256
+from trainer.training.checkpoint import (
     NAME,
     atomic_write_bytes,
-    file_sha256,
     rng_state,
     save_checkpoint,
     sidecar_path,
 )
-from trainer.distributed import Dist
+from trainer.training.distributed import Dist
 from trainer.errors import FidelError
 from trainer.model import SPLIT_KEYS, is_training_path_key, load_upstream_state_dict
-from trainer.optim import lr_factor, make_optimizer, param_groups
-from trainer.train import (
+from trainer.training.optim import lr_factor, make_optimizer, param_groups
+from trainer.training.trainer import (
     TrainConfig,
     TrainHooks,
     TrainResult,

@@ -14,17 +14,17 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import (
+from trainer.hashing import file_sha256
+from trainer.training.checkpoint import (
     atomic_write_bytes,
     atomic_write_json,
     disk_problem,
-    file_sha256,
     load_checkpoint,
 )
 from trainer.config import load_gpt_config, read_config_yaml, write_config_yaml
 from trainer.errors import FidelError
 from trainer.model import upstream_state_dict
-from trainer.train import FROZEN_BUFFERS, TrainConfig, build_model
+from trainer.training.trainer import FROZEN_BUFFERS, TrainConfig, build_model
 from trainer.weights import (
     export_problems,
     export_state_dict,

@@ -3,92 +3,76 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from trainer.report import Check
 
 if TYPE_CHECKING:
     import torch
 
 
-@dataclass
-class GateResult:
-    name: str
-    passed: bool
-    value: str
-    reason: str = ""
-    advisory: bool = False  # reported, but a FAIL does not fail the run
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def label(self) -> str:
-        return ("PASS" if self.passed else "FAIL") + (" (advisory)" if self.advisory else "")
-
-    def line(self) -> str:
-        return f"{self.label()} {self.name}: {self.value}" + (f" ({self.reason})" if self.reason else "")
-
-
-def base_intact(expected_sha256: str, actual_sha256: str) -> GateResult:
+def base_intact(expected_sha256: str, actual_sha256: str) -> Check:
     same = expected_sha256 == actual_sha256
-    return GateResult("base_intact", same, f"sha256 {actual_sha256[:16]}…",
+    return Check("base_intact", same, f"sha256 {actual_sha256[:16]}…",
                       "" if same else f"expected {expected_sha256[:16]}…")
 
 
-def finite(losses: dict[str, float]) -> GateResult:
+def finite(losses: dict[str, float]) -> Check:
     bad = sorted(k for k, v in losses.items() if not math.isfinite(v))
-    return GateResult("finite", not bad, ", ".join(f"{k}={losses[k]:.4g}" for k in sorted(losses)),
+    return Check("finite", not bad, ", ".join(f"{k}={losses[k]:.4g}" for k in sorted(losses)),
                       f"non-finite: {', '.join(bad)}" if bad else "")
 
 
-def not_diverging(val_losses: list[float], factor: float = 2.0) -> GateResult:
+def not_diverging(val_losses: list[float], factor: float = 2.0) -> Check:
     """Divergence is the latest validation loss above factor × its best."""
     if not val_losses:
-        return GateResult("not_diverging", False, "no validation loss", "validation never ran")
+        return Check("not_diverging", False, "no validation loss", "validation never ran")
     best, last = min(val_losses), val_losses[-1]
     ok = math.isfinite(last) and last <= factor * best
-    return GateResult("not_diverging", ok, f"last {last:.4f}, best {best:.4f}, bound {factor}×best",
+    return Check("not_diverging", ok, f"last {last:.4f}, best {best:.4f}, bound {factor}×best",
                       "" if ok else "validation loss diverged")
 
 
 def validation_improves(start: float, end: float, min_drop: float = 0.0,
-                        name: str = "validation_improves") -> GateResult:
+                        name: str = "validation_improves") -> Check:
     ok = math.isfinite(end) and end < start - min_drop
-    return GateResult(name, ok, f"{start:.4f} → {end:.4f}",
+    return Check(name, ok, f"{start:.4f} → {end:.4f}",
                       "" if ok else "validation loss did not fall below its start")
 
 
-def text_loss_gate(text_loss: float, step: int, threshold: float, by_step: int) -> GateResult:
+def text_loss_gate(text_loss: float, step: int, threshold: float, by_step: int) -> Check:
     """After an experimental resume: text loss below threshold within by_step steps, else abort."""
     if text_loss < threshold:
-        return GateResult("text_loss", True, f"{text_loss:.4f} < {threshold} at step {step}")
+        return Check("text_loss", True, f"{text_loss:.4f} < {threshold} at step {step}")
     if step < by_step:
-        return GateResult("text_loss", True, f"{text_loss:.4f} at step {step}, due by {by_step}", "pending")
-    return GateResult("text_loss", False, f"{text_loss:.4f} ≥ {threshold} at step {step}",
+        return Check("text_loss", True, f"{text_loss:.4f} at step {step}, due by {by_step}", "pending")
+    return Check("text_loss", False, f"{text_loss:.4f} ≥ {threshold} at step {step}",
                       f"not below {threshold} by step {by_step}")
 
 
-def all_passed(results: list[GateResult]) -> bool:
+def all_passed(results: list[Check]) -> bool:
     return all(r.passed or r.advisory for r in results)
 
 
-def advisory_failures(results: list[GateResult]) -> list[str]:
+def advisory_failures(results: list[Check]) -> list[str]:
     return [r.name for r in results if r.advisory and not r.passed]
 
 
-def verdict(results: list[GateResult]) -> str:
+def verdict(results: list[Check]) -> str:
     """The report's headline, as the MLflow tags say it: `gates` PASS or FAIL (enforced gates), `gates.advisory`."""
     advisory = advisory_failures(results)
     return ("PASS" if all_passed(results) else "FAIL") + (f"; advisory FAIL: {', '.join(advisory)}" if advisory else "")
 
 
-def first_failure(results: list[GateResult]) -> str:
+def first_failure(results: list[Check]) -> str:
     for r in results:
         if not r.passed and not r.advisory:
             return f"gate {r.name} failed: {r.value}" + (f" ({r.reason})" if r.reason else "")
     return ""
 
 
-def report_markdown(results: list[GateResult]) -> str:
+def report_markdown(results: list[Check]) -> str:
     """The verdict and a narrow table; the reasons are in reasons_markdown."""
     from trainer.markdown import escape, table
 
@@ -96,13 +80,13 @@ def report_markdown(results: list[GateResult]) -> str:
             + table(["gate", "result", "value"], [[r.name, r.label(), r.value] for r in results]))
 
 
-def reasons_markdown(results: list[GateResult]) -> str:
+def reasons_markdown(results: list[Check]) -> str:
     from trainer.markdown import bullets
 
     return bullets([(f"{r.name} {r.label()}", f"{r.value}. {r.reason}" if r.reason else r.value) for r in results])
 
 
-def exported_base_rows_identical(base_path, exported_path, base_rows: int) -> GateResult:
+def exported_base_rows_identical(base_path, exported_path, base_rows: int) -> Check:
     """Rows 0..B-1 of the exported text tensors equal the base file's, bit for bit."""
     import torch
 
@@ -112,33 +96,33 @@ def exported_base_rows_identical(base_path, exported_path, base_rows: int) -> Ga
     base = upstream_keys_of(torch_load(base_path), base_path)
     exported = upstream_keys_of(torch_load(exported_path), exported_path)
     differing = [k for k in SPLIT_KEYS if not torch.equal(base[k][:base_rows], exported[k][:base_rows])]
-    return GateResult("base_rows_bit_identical", not differing, f"{base_rows} rows × {len(SPLIT_KEYS)} tensors",
+    return Check("base_rows_bit_identical", not differing, f"{base_rows} rows × {len(SPLIT_KEYS)} tensors",
                       f"differ: {', '.join(differing)}" if differing else "")
 
 
 def new_rows_learning(init_rows: torch.Tensor, current_rows: torch.Tensor, used_rows: list[int],
-                      min_share: float = 0.9, min_delta: float = 0.0) -> GateResult:
+                      min_share: float = 0.9, min_delta: float = 0.0) -> Check:
     """New rows of tokens present in the data moved from their init (max |Δ| > min_delta) for at least
     min_share of them. Rows are indices into the new-row block (token id − B)."""
     if not used_rows:
-        return GateResult("new_rows_learning", False, "no new-row token in the data", "nothing to learn")
+        return Check("new_rows_learning", False, "no new-row token in the data", "nothing to learn")
     delta = (current_rows[used_rows].float() - init_rows[used_rows].float()).abs().flatten(1).amax(1)
     moved = int((delta > min_delta).sum())
     share = moved / len(used_rows)
     ok = share >= min_share
-    return GateResult("new_rows_learning", ok,
+    return Check("new_rows_learning", ok,
                       f"{moved}/{len(used_rows)} used new rows moved (max |Δ| {float(delta.max()):.3g})",
                       "" if ok else f"fewer than {min_share:.0%} of the used new rows moved from their init")
 
 
 def inference_smoke(generated: list[tuple[int, bool, int]], min_ratio: float = 0.2, max_ratio: float = 5.0,
-                    decode: str = "") -> GateResult:
+                    decode: str = "") -> Check:
     """generated: (codes emitted, stop code emitted, reference code length) per validation text. Every text must
     stop, with emitted/reference inside [min_ratio, max_ratio]. decode: the decode that produced them (a key of
     trainer.generate.DECODES), named in the value."""
     decoded_as = f", decode {decode}" if decode else ""
     if not generated:
-        return GateResult("inference_smoke", False, f"no text decoded{decoded_as}", "nothing decoded")
+        return Check("inference_smoke", False, f"no text decoded{decoded_as}", "nothing decoded")
     unstopped = sum(not stopped for _, stopped, _ in generated)
     ratios = [n / max(1, ref) for n, _, ref in generated]
     outside = sum(not (min_ratio <= r <= max_ratio) for r in ratios)
@@ -147,7 +131,7 @@ def inference_smoke(generated: list[tuple[int, bool, int]], min_ratio: float = 0
              f"{min(ratios):.2f}..{max(ratios):.2f} (bound {min_ratio}..{max_ratio}){decoded_as}")
     reason = "" if ok else "; ".join(x for x in (f"{unstopped} never emitted the stop code" if unstopped else "",
                                                  f"{outside} outside the length bound" if outside else "") if x)
-    return GateResult("inference_smoke", ok, value, reason)
+    return Check("inference_smoke", ok, value, reason)
 
 
 @dataclass
@@ -162,7 +146,7 @@ class GateConfig:
     text_loss_by_step: int | None = None
 
 
-def validation_gates(config: GateConfig, step: int, metrics: dict, history: list[dict], model) -> list[GateResult]:
+def validation_gates(config: GateConfig, step: int, metrics: dict, history: list[dict], model) -> list[Check]:
     """The gates that can run at every validation: base intact, finite, not diverging, text loss (when armed)."""
     results = []
     if config.base_rows_sha256:

@@ -27,7 +27,7 @@ from trainer.config import GPTConfig
 from trainer.data import Example, Pair
 from trainer.datacheck import CheckContext, CheckSettings, DataReport, RowArrays, RowSink, run_checks
 from trainer.errors import FidelError
-from trainer.tokenizer import sha256_file
+from trainer.hashing import file_sha256
 
 FORMAT = "fidel-pairs/1"
 ROW_GROUP_BYTES = 32 << 20
@@ -204,7 +204,7 @@ class DatasetBuilder(RowSink):
                 filter_rows(self.staging(split), tmp, keep, self.schema, meta)
                 os.replace(tmp, final)
                 self.staging(split).unlink()
-            records[split] = SplitRecord(str(final.resolve()), len(hashes), meta["content_sha256"], sha256_file(final),
+            records[split] = SplitRecord(str(final.resolve()), len(hashes), meta["content_sha256"], file_sha256(final),
                                          pq.ParquetFile(final).num_row_groups, self.group_rows)
         return records
 
@@ -214,9 +214,9 @@ def input_fingerprint(splits: dict[str, list[str]], tokenizer: str | Path, confi
     """What a build depends on: manifests, tokenizer, config and check settings (not the feature files)."""
     from trainer.data import split_manifest_spec
 
-    parts = {"format": FORMAT, "tokenizer": sha256_file(tokenizer), "config": sha256_file(config),
+    parts = {"format": FORMAT, "tokenizer": file_sha256(tokenizer), "config": file_sha256(config),
              "settings": settings.to_dict(),
-             "manifests": {k: [[str(s), sha256_file(split_manifest_spec(s)[0])] for s in v] for k, v in splits.items()}}
+             "manifests": {k: [[str(s), file_sha256(split_manifest_spec(s)[0])] for s in v] for k, v in splits.items()}}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -259,7 +259,7 @@ def write_dataset(builder: DatasetBuilder, report: DataReport, fingerprint: str,
     records = builder.finish(report)
     info = {"format": FORMAT, "fingerprint": fingerprint,
             "tokenizer": ctx.tokenizer_path, "tokenizer_sha256": ctx.tokenizer_sha256,
-            "config": str(config), "config_sha256": sha256_file(config), "cond_dtype": settings.cond_dtype,
+            "config": str(config), "config_sha256": file_sha256(config), "cond_dtype": settings.cond_dtype,
             "codes_dtype": str(builder.code_dtype),
             "condition_shape": [ctx.cfg.condition_num_latent, ctx.cfg.model_dim],
             "content_sha256": hashlib.sha256("".join(r.content_sha256 for r in records.values()).encode()).hexdigest(),
@@ -366,7 +366,7 @@ class ParquetPairs(torch.utils.data.Dataset):
             raise FidelError(self.paths[0], f"datasets disagree on the conditioning shape ({sorted(shapes)})")
         self.condition_shape = shapes.pop()
         if tokenizer is not None:
-            sha = sha256_file(tokenizer)
+            sha = file_sha256(tokenizer)
             for path, meta in zip(self.paths, self.meta, strict=True):
                 if meta["tokenizer_sha256"] != sha:
                     raise FidelError(path, f"built with tokenizer {meta['tokenizer_sha256'][:12]}, training uses "

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from trainer.checkpoint import atomic_write_bytes, atomic_write_json
+from trainer.training.checkpoint import atomic_write_bytes, atomic_write_json
 from trainer.config import read_config_yaml
 from trainer.data import Pair, pick_prompts, read_manifest_lines, split_manifest_spec
 from trainer.datacheck import (
@@ -49,7 +49,7 @@ from trainer.datacheck import (
     float_problem,
     text_problems,
 )
-from trainer.distributed import Dist
+from trainer.training.distributed import Dist
 from trainer.errors import FidelError
 from trainer.features import (
     SAMPLE_RATE,
@@ -60,9 +60,9 @@ from trainer.features import (
     read_audio,
     require_upstream,
 )
-from trainer.options import check, device_problem, option
+from trainer.training.options import check, device_problem, option
 from trainer.parquet_data import DatasetBuilder, guard_outputs, read_dataset_info, write_dataset
-from trainer.tokenizer import sha256_file
+from trainer.hashing import file_sha256
 
 UTTERANCE_FIELDS = ("id", "text", "audio", "speaker")
 PREPARE_PATHS = ("checkpoint_dir", "w2v_bert", "codec")  # resolved against run.yaml's folder
@@ -183,7 +183,7 @@ def read_splits(splits: dict[str, list[str]]) -> dict[str, list[Utterance]]:
 def file_stamp(path: Path) -> list:
     """Small files by content; multi-GB weights by size and modification time (hashing them costs minutes)."""
     stat = path.stat()
-    return [path.name, sha256_file(path)] if stat.st_size < (64 << 20) else [path.name, stat.st_size, stat.st_mtime_ns]
+    return [path.name, file_sha256(path)] if stat.st_size < (64 << 20) else [path.name, stat.st_size, stat.st_mtime_ns]
 
 
 def digest(parts: dict) -> str:
@@ -194,7 +194,7 @@ def features_fingerprint(splits: dict[str, list[str]], settings: PrepareSettings
     """What the shards depend on: manifests, model files, audio limits and the shard layout."""
     def manifest(spec: str) -> list:  # content and `::lang`, not how the path is spelled
         path, lang = split_manifest_spec(spec)
-        return [sha256_file(path), lang]
+        return [file_sha256(path), lang]
 
     return digest({"manifests": {k: [manifest(s) for s in v] for k, v in splits.items()},
                    "models": {k: file_stamp(p) for k, p in sorted(model_files.items())},
@@ -203,7 +203,7 @@ def features_fingerprint(splits: dict[str, list[str]], settings: PrepareSettings
 
 def dataset_fingerprint(features: str, tokenizer: str | Path, config: str | Path, settings: PrepareSettings,
                         checks: CheckSettings) -> str:
-    return digest({"features": features, "tokenizer": sha256_file(tokenizer), "config": sha256_file(config),
+    return digest({"features": features, "tokenizer": file_sha256(tokenizer), "config": file_sha256(config),
                    "checks": checks.to_dict(), "pairs_per_target": settings.pairs_per_target, "seed": settings.seed})
 
 
@@ -317,7 +317,7 @@ def run_shard(job: ShardJob, models: FeatureModels, settings: PrepareSettings, s
             return False
     write_arrow(job.data_path, rows, schema)
     atomic_write_json(job.done_path, {"rows": len(rows), "dropped": dropped, "bytes": job.data_path.stat().st_size,
-                                      "sha256": sha256_file(job.data_path)})
+                                      "sha256": file_sha256(job.data_path)})
     job.partial_path.unlink(missing_ok=True)
     return True
 
@@ -408,7 +408,7 @@ def rank_env() -> Dist:
 
 def prepare_device(name: str, env: Dist) -> torch.device:
     """Training's device rule (one GPU per rank); CUDA asked for where there is none is a bad input."""
-    from trainer.train import resolve_device
+    from trainer.training.trainer import resolve_device
 
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise FidelError(None, f"device {name!r}: CUDA is not available here")
@@ -467,7 +467,7 @@ def prepare(splits: dict[str, list[str]], tokenizer: str | Path, config: str | P
 
     on_batch(clips done, clips to do) after each batch. stop: an object with `.requested` (default: SIGTERM and
     SIGINT ask for a stop after the batch, a second one exits at once)."""
-    from trainer.train import StopRequest
+    from trainer.training.trainer import StopRequest
 
     out_dir = Path(out_dir)
     checks = checks or CheckSettings(cond_dtype=settings.cond_dtype)

@@ -6,7 +6,6 @@ base id keeps its meaning and the base rows of the GPT text embedding stay valid
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -19,6 +18,8 @@ from google.protobuf.message import DecodeError
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from trainer.errors import FidelError
+from trainer.hashing import file_sha256, sha256_bytes
+from trainer.report import Check
 from trainer.text import is_script_char, normalize_text, script_share
 
 Piece = model_pb2.ModelProto.SentencePiece
@@ -41,14 +42,6 @@ BASE_SAMPLES: tuple[str, ...] = (
 
 
 # ----------------------------------------------------------------------------- loading and writing
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | Path) -> str:
-    return sha256_bytes(Path(path).read_bytes())
-
 
 def load_model_proto(path: str | Path) -> model_pb2.ModelProto:
     """The ModelProto in a .model file; FidelError if it is missing, empty or not a sentencepiece model."""
@@ -286,7 +279,7 @@ def extend_tokenizer(base_path: str | Path, corpus_texts: list[str], out_path: P
 
     out_sha256 = write_model(out, out_path)
     record = ExtensionRecord(
-        base_path=str(base_path), base_sha256=sha256_file(base_path), base_size=base_size,
+        base_path=str(base_path), base_sha256=file_sha256(base_path), base_size=base_size,
         target_size=target_size, out_path=str(out_path), out_sha256=out_sha256,
         script_chars_added=len(chars), script_chars="".join(chars), lang_tag=tag,
         lang_tag_id=base_size if tag else None, unigram_pieces_added=needed, unigram_pieces_offered=len(offered),
@@ -299,20 +292,8 @@ def extend_tokenizer(base_path: str | Path, corpus_texts: list[str], out_path: P
 # ----------------------------------------------------------------------------- verification
 
 @dataclass
-class CheckLine:
-    name: str
-    passed: bool
-    value: str
-    detail: str = ""
-
-    def to_text(self) -> str:
-        return " ".join(part for part in ("PASS" if self.passed else "FAIL", self.name, self.value,
-                                          "" if self.passed else self.detail) if part)
-
-
-@dataclass
 class VerifyReport:
-    lines: list[CheckLine]
+    lines: list[Check]
 
     @property
     def passed(self) -> bool:
@@ -322,26 +303,26 @@ class VerifyReport:
     def failed(self) -> list[str]:
         return [line.name for line in self.lines if not line.passed]
 
-    def line(self, name: str) -> CheckLine:
+    def line(self, name: str) -> Check:
         return next(line for line in self.lines if line.name == name)
 
     def to_dict(self) -> dict:
         return {"passed": self.passed, "lines": [asdict(line) for line in self.lines]}
 
     def to_text(self) -> str:
-        return "\n".join(line.to_text() for line in self.lines)
+        return "\n".join(line.line() for line in self.lines)
 
     def to_markdown(self) -> str:
         """A table of cells cut to fit; the whole details are in details_markdown."""
         from trainer.markdown import table
 
         return table(["check", "result", "value", "detail"],
-                     [[line.name, "PASS" if line.passed else "FAIL", line.value, line.detail] for line in self.lines])
+                     [[line.name, "PASS" if line.passed else "FAIL", line.value, line.reason] for line in self.lines])
 
     def details_markdown(self) -> str:
         from trainer.markdown import bullets
 
-        return bullets([(line.name, f"{line.value}. {line.detail}" if line.detail else line.value)
+        return bullets([(line.name, f"{line.value}. {line.reason}" if line.reason else line.value)
                         for line in self.lines])
 
 
@@ -349,14 +330,14 @@ def piece_key(p) -> tuple:
     return (p.piece, p.type, p.score)
 
 
-def check_base_pieces(candidate: model_pb2.ModelProto, base: model_pb2.ModelProto) -> CheckLine:
+def check_base_pieces(candidate: model_pb2.ModelProto, base: model_pb2.ModelProto) -> Check:
     n = len(base.pieces)
     differ = [i for i in range(n) if i >= len(candidate.pieces) or piece_key(candidate.pieces[i]) != piece_key(base.pieces[i])]
     normalizer_same = candidate.normalizer_spec == base.normalizer_spec
     detail = f"first differing ids {differ[:5]}" if differ else ""
     if not normalizer_same:
         detail = (detail + "; " if detail else "") + "normalizer_spec differs from the base"
-    return CheckLine("base_pieces", not differ and normalizer_same, f"{len(differ)} of {n} base pieces differ", detail)
+    return Check("base_pieces", not differ and normalizer_same, f"{len(differ)} of {n} base pieces differ", detail)
 
 
 def special_ids(sp: spm.SentencePieceProcessor) -> str:
@@ -364,24 +345,24 @@ def special_ids(sp: spm.SentencePieceProcessor) -> str:
 
 
 def check_special_ids(cand: model_pb2.ModelProto, base: model_pb2.ModelProto,
-                      cand_sp: spm.SentencePieceProcessor, base_sp: spm.SentencePieceProcessor) -> CheckLine:
+                      cand_sp: spm.SentencePieceProcessor, base_sp: spm.SentencePieceProcessor) -> Check:
     same = special_ids(cand_sp) == special_ids(base_sp) and all(
         i < len(cand.pieces) and piece_key(cand.pieces[i]) == piece_key(base.pieces[i]) for i in range(3))
-    return CheckLine("special_ids", same, special_ids(cand_sp), "" if same else f"base has {special_ids(base_sp)}")
+    return Check("special_ids", same, special_ids(cand_sp), "" if same else f"base has {special_ids(base_sp)}")
 
 
-def check_base_samples(cand_sp, base_sp, samples: list[str]) -> CheckLine:
+def check_base_samples(cand_sp, base_sp, samples: list[str]) -> Check:
     differ = [s for s in samples if cand_sp.encode(s, out_type=int) != base_sp.encode(s, out_type=int)]
-    return CheckLine("base_samples", not differ, f"{len(differ)} of {len(samples)} samples tokenised differently",
+    return Check("base_samples", not differ, f"{len(differ)} of {len(samples)} samples tokenised differently",
                      f"first: {differ[0]!r}" if differ else "")
 
 
-def check_scores(cand: model_pb2.ModelProto, base_size: int) -> CheckLine:
+def check_scores(cand: model_pb2.ModelProto, base_size: int) -> Check:
     """Added NORMAL pieces must carry unigram log-probs: finite, <= 0, not integer BPE ranks. Their exp-sum is
     shown, not judged: sentencepiece's pruned unigram models on small corpora can exceed 1."""
     scores = [p.score for p in cand.pieces[base_size:] if p.type == NORMAL]
     if not scores:
-        return CheckLine("new_piece_scores", False, "no new NORMAL pieces", "")
+        return Check("new_piece_scores", False, "no new NORMAL pieces", "")
     problems = []
     if not all(math.isfinite(s) for s in scores):
         problems.append("non-finite scores")
@@ -394,12 +375,12 @@ def check_scores(cand: model_pb2.ModelProto, base_size: int) -> CheckLine:
     finite = [s for s in scores if math.isfinite(s)]
     mass = sum(math.exp(min(s, 50.0)) for s in finite)
     value = f"{len(scores)} scores in [{min(finite, default=0):.3g}, {max(finite, default=0):.3g}], exp-sum {mass:.3g}"
-    return CheckLine("new_piece_scores", not problems, value, "; ".join(problems))
+    return Check("new_piece_scores", not problems, value, "; ".join(problems))
 
 
-def check_vocab_size(size: int, config_text_tokens: int | None, checkpoint_text_rows: int | None) -> CheckLine:
+def check_vocab_size(size: int, config_text_tokens: int | None, checkpoint_text_rows: int | None) -> Check:
     if config_text_tokens is None and checkpoint_text_rows is None:
-        return CheckLine("vocab_size", True, f"{size} pieces; config and checkpoint skipped")
+        return Check("vocab_size", True, f"{size} pieces; config and checkpoint skipped")
     parts, problems = [f"{size} pieces"], []
     if config_text_tokens is not None:
         parts.append(f"config number_text_tokens {config_text_tokens}")
@@ -409,7 +390,7 @@ def check_vocab_size(size: int, config_text_tokens: int | None, checkpoint_text_
         parts.append(f"checkpoint text rows {checkpoint_text_rows}")
         if checkpoint_text_rows != size + 1:
             problems.append(f"checkpoint has {checkpoint_text_rows} text rows, need {size + 1} (N+1)")
-    return CheckLine("vocab_size", not problems, "; ".join(parts), "; ".join(problems))
+    return Check("vocab_size", not problems, "; ".join(parts), "; ".join(problems))
 
 
 def verify_tokenizer(candidate_path: str | Path, base_path: str | Path, target_texts: list[str],
@@ -434,34 +415,34 @@ def verify_tokenizer(candidate_path: str | Path, base_path: str | Path, target_t
     unk = cand_sp.unk_id()
     unk_count = sum(ids.count(unk) for ids in encoded)
     unk_lines = sum(unk in ids for ids in encoded)
-    report.append(CheckLine("target_unk", unk_count == 0, f"{unk_count} <unk> in {len(lines)} lines",
+    report.append(Check("target_unk", unk_count == 0, f"{unk_count} <unk> in {len(lines)} lines",
                             f"{unk_lines} lines have <unk>" if unk_count else ""))
 
     pieces = {p.piece: p.type for p in cand.pieces}
     seen = set().union(*(cand_sp.normalize(line) for line in lines))
     chars = sorted(ch for ch in seen if is_script_char(ch, script))
     missing = [ch for ch in chars if pieces.get(ch) not in (NORMAL, USER_DEFINED)]
-    report.append(CheckLine("script_coverage", not missing, f"{len(missing)} of {len(chars)} {script} chars missing",
+    report.append(Check("script_coverage", not missing, f"{len(missing)} of {len(chars)} {script} chars missing",
                             f"missing: {''.join(missing[:20])}" if missing else ""))
 
     failures = [line for line, ids in zip(lines, encoded, strict=True) if cand_sp.decode(ids) != line]
-    report.append(CheckLine("round_trip", not failures, f"{len(failures)} of {len(lines)} lines fail",
+    report.append(Check("round_trip", not failures, f"{len(failures)} of {len(lines)} lines fail",
                             f"first: {failures[0]!r}" if failures else ""))
 
     words = sum(len(line.split()) for line in lines)
     per_word = sum(map(len, encoded)) / words
-    report.append(CheckLine("tokens_per_word", per_word <= MAX_TOKENS_PER_WORD, f"{per_word:.2f}",
+    report.append(Check("tokens_per_word", per_word <= MAX_TOKENS_PER_WORD, f"{per_word:.2f}",
                             f"above {MAX_TOKENS_PER_WORD}" if per_word > MAX_TOKENS_PER_WORD else ""))
 
     new_ids = {i for i in range(base_size, len(cand.pieces)) if cand.pieces[i].type == NORMAL}
     used = {i for ids in encoded for i in ids}
     unused = len(new_ids - used)
     share = unused / len(new_ids) if new_ids else 1.0
-    report.append(CheckLine("unused_new_pieces", share <= max_unused_share,
+    report.append(Check("unused_new_pieces", share <= max_unused_share,
                             f"{share:.1%} ({unused} of {len(new_ids)}) never used",
                             f"above {max_unused_share:.0%}" if share > max_unused_share else ""))
 
     report.append(check_vocab_size(len(cand.pieces), config_text_tokens, checkpoint_text_rows))
     report.append(check_scores(cand, base_size))
-    report.append(CheckLine("sha256", True, sha256_file(candidate_path)))
+    report.append(Check("sha256", True, file_sha256(candidate_path)))
     return VerifyReport(report)

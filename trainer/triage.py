@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import file_sha256, list_checkpoints, read_sidecar, verify_checkpoint
+from trainer.hashing import file_sha256
+from trainer.training.checkpoint import list_checkpoints, read_sidecar, verify_checkpoint
 from trainer.errors import FidelError
 from trainer.model import SPLIT_KEYS
 from trainer.weights import base_rows_hash, read_state_dict, torch_load, upstream_keys_of
