@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -20,10 +21,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from trainer.errors import FidelError
+from trainer.errors import EXIT_PREEMPTED, FidelError
 
 NODE_RANK_ENV, NNODES_ENV = "FIDEL_NODE_RANK", "FIDEL_NNODES"  # from the launcher to its workers
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved and resumable (trainer.train re-exports it)
 RENDEZVOUS_JOIN_S = 1800  # node 0 joins only after the flow's data checks: the others wait that long
 
 
@@ -40,6 +40,33 @@ class Dist:
     @property
     def enabled(self) -> bool:
         return self.world > 1
+
+
+class StopRequest:
+    """First SIGTERM/SIGINT asks for a stop after the current step; a second one exits at once."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.signal is not None:
+            os._exit(128 + signum)
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
 
 
 def init_from_env(device_type: str) -> Dist:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import Saved, save_checkpoint
+from trainer.training.checkpoint import Saved, save_checkpoint
 
 
 @dataclass

@@ -7,7 +7,6 @@ base checkpoint and are referenced by their hash (design.md §4).
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import random
@@ -21,18 +20,11 @@ import numpy as np
 import torch
 
 from trainer.errors import FidelError
-from trainer.weights import torch_load
+from trainer.hashing import file_sha256
+from trainer.model.weights import torch_load
 
 FORMAT = "fidel-checkpoint-v1"
 NAME = re.compile(r"^ckpt-step(\d{8})\.pt$")
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fsync_dir(folder: Path) -> None:

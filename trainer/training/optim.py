@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from trainer.model import UnifiedVoiceGPT
+from trainer.model.gpt import UnifiedVoiceGPT
+from trainer.training.options import TrainConfig
 
 NEW_ROW_PARAMS = ("text_embedding.new", "text_head.new_weight", "text_head.new_bias")
 
@@ -39,6 +40,12 @@ def param_groups(model: UnifiedVoiceGPT, learning_rate: float, new_rows_lr: floa
 def make_optimizer(groups: list[dict], device: torch.device) -> torch.optim.AdamW:
     # fused AdamW on CUDA (one kernel for all params); the foreach path elsewhere
     return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, tc: TrainConfig,
+                   schedule_total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, tc.warmup_steps, schedule_total, tc.min_lr_ratio))
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
