@@ -21,7 +21,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 import pytest  # noqa: E402  (a case that cannot mount a tmpfs calls pytest.skip)
 from test_bad_inputs import CASES, FAULTS, build_template, new_workspace, run_case, train_template  # noqa: E402
 
-from trainer.synthetic import make_tiny_project  # noqa: E402
+from fixtures.synthetic import make_tiny_project  # noqa: E402
 
 
 def verdict(outcome, code: int, expect: str) -> str:

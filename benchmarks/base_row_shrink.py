@@ -16,19 +16,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
 
 import torch  # noqa: E402
 
-from trainer.community_run import Project, community_run  # noqa: E402
-from trainer.config import load_gpt_config  # noqa: E402
-from trainer.data import training_data  # noqa: E402
-from trainer.distributed import Dist  # noqa: E402
-from trainer.model import SPLIT_KEYS, UnifiedVoiceGPT, load_upstream_state_dict  # noqa: E402
-from trainer.synthetic import make_tiny_project  # noqa: E402
-from trainer.tokenizer import load_tokenizer  # noqa: E402
-from trainer.train import evaluate  # noqa: E402
-from trainer.weights import read_state_dict, torch_load  # noqa: E402
+from fixtures.community_run import Project, community_run  # noqa: E402
+from trainer.model.config import load_gpt_config  # noqa: E402
+from trainer.data.loader import training_data  # noqa: E402
+from trainer.training.distributed import Dist  # noqa: E402
+from trainer.model.gpt import SPLIT_KEYS, UnifiedVoiceGPT, load_upstream_state_dict  # noqa: E402
+from fixtures.synthetic import make_tiny_project  # noqa: E402
+from trainer.text.tokenizer import load_tokenizer  # noqa: E402
+from trainer.training.metrics import evaluate  # noqa: E402
+from trainer.model.weights import read_state_dict, torch_load  # noqa: E402
 
 
 def val_losses(project, state: dict) -> tuple[float, float]:

@@ -61,8 +61,8 @@ from step_throughput import (  # noqa: E402
     synthetic_pairs,
 )
 
-from trainer.data import collate  # noqa: E402
-from trainer.weights import same_bytes  # noqa: E402
+from trainer.data.manifest import collate  # noqa: E402
+from trainer.model.weights import same_bytes  # noqa: E402
 
 GOALS = {
     "ratio_b32": 3.0,  # fidel ÷ community baseline, real tokens/s, batch 32, bf16

@@ -33,7 +33,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from trainer.train import TrainConfig, train  # noqa: E402
+from trainer.training.options import TrainConfig  # noqa: E402
+from trainer.training.trainer import train  # noqa: E402
 
 METHODS = ("random", "mean", "subtoken")
 CONTEXT_LEVELS = (8.0, 7.5, 7.0, 6.5, 6.0, 5.5, 5.0, 4.75, 4.5)
@@ -41,7 +42,7 @@ CONTEXT_LEVELS = (8.0, 7.5, 7.0, 6.5, 6.0, 5.5, 5.0, 4.75, 4.5)
 
 def build_demo(root: Path, quick: bool) -> dict:
     """Corpus, tokenizers, manifests and the English base, as `fidel demo` builds them (each step reused)."""
-    from flows.demo import FULL, QUICK, base_model_step, corpus_step, manifest_step, tokenizer_step
+    from flows.demo.flow import FULL, QUICK, base_model_step, corpus_step, manifest_step, tokenizer_step
 
     size = QUICK if quick else FULL
     corpus = corpus_step.fn(root, size)

@@ -4,7 +4,7 @@ demo data (`fidel demo`'s espeak-ng corpus: Amharic fine-tune pairs and the Engl
 Real tokens of a batch: the sum of every item's text ids and codes. Computed tokens: batch size × (longest text
 + longest codes), since text and codes are padded separately (the 34-slot prefix and start/stop tokens are
 left out of both, which only makes the ratio stricter). Random batching is the community loader's (shuffle,
-fixed batch size); the bucketed sampler is trainer.data.BucketBatchSampler as training uses it (batch-size items
+fixed batch size); the bucketed sampler is trainer.data.manifest.BucketBatchSampler as training uses it (batch-size items
 from length-sorted windows) and with a token budget of batch size × the mean item length (batches filled to the
 budget). Each number is the mean over 5 epochs; "b." is batches per epoch.
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.data import BucketBatchSampler, padding_efficiency, random_batches, read_manifest  # noqa: E402
+from trainer.data.manifest import BucketBatchSampler, padding_efficiency, random_batches, read_manifest  # noqa: E402
 
 EPOCHS = 5
 
@@ -31,7 +31,7 @@ def demo_manifests(root: Path) -> dict[str, Path]:
     manifests = {name: root / "manifests" / f"{name}.jsonl" for name in ("am_train", "en_train")}
     if all(p.is_file() for p in manifests.values()):
         return manifests
-    from flows.demo import FULL, corpus_step, manifest_step, tokenizer_step
+    from flows.demo.flow import FULL, corpus_step, manifest_step, tokenizer_step
 
     print(f"building the demo corpus under {root} (espeak-ng, a few minutes) …", flush=True)
     corpus = corpus_step.fn(root.resolve(), FULL)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
@@ -33,8 +33,9 @@ def main() -> int:
         tmp = Path(tmp)
         os.environ["PREFECT_HOME"] = str(tmp / "prefect")
         from flows.finetune import finetune
-        from trainer.synthetic import make_tiny_project
-        from trainer.train import TrainConfig, train
+        from fixtures.synthetic import make_tiny_project
+        from trainer.training.options import TrainConfig
+        from trainer.training.trainer import train
 
         project = make_tiny_project(tmp / "project", n_train=160, n_val=32, dim=128, layers=4)
         train_settings = {"max_steps": args.steps, "batch_size": 8, "learning_rate": 1e-3, "warmup_steps": 10,

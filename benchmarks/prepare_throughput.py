@@ -3,7 +3,7 @@ time, in one run, on espeak-ng audio of the demo corpus (trainer/demo_corpus.py)
 of the three models (trainer/features.py write_tiny_models: w2v-BERT 2.0's 17 layers at width 1024 with small
 feed-forwards, a one-layer RepCodec, a small UnifiedVoice's conformers and perceivers).
 
-Both passes run trainer.features.clip_features; batched and one-at-a-time give the same codes (tested), so the
+Both passes run trainer.data.features.clip_features; batched and one-at-a-time give the same codes (tested), so the
 ratio is pure speed. It also counts how many clips the community's batched preprocessing would have stored with
 padded codes (every clip of a batch saved at the batch's longest length).
 
@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from trainer.demo_corpus import SPEAKERS, build_utterances  # noqa: E402
-from trainer.features import FeatureModels, clip_features, read_audio, write_tiny_models  # noqa: E402
-from trainer.prepare import PrepareSettings  # noqa: E402
+from flows.demo.corpus import SPEAKERS, build_utterances  # noqa: E402
+from trainer.data.features import FeatureModels, clip_features, read_audio, write_tiny_models  # noqa: E402
+from trainer.data.prepare import PrepareSettings  # noqa: E402
 
 
 def timed(run) -> float:

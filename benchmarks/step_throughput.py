@@ -8,7 +8,7 @@ benchmarks/gpu_suite.py runs it at batch 16 and 32, eager and compiled, with and
 fidel: `UnifiedVoiceGPT` (split freeze: base text rows are buffers; SDPA attention, causal, no mask tensor;
 cross-entropy over the scored positions only, in checkpointed row chunks), length-bucketed batches under a token
 budget (`BucketBatchSampler(max_tokens=batch size × mean item length)`), AdamW groups by name (`make_optimizer`:
-fused on CUDA), and the training loop's own `accumulate` and `optimizer_step` (trainer/train.py: no host sync in
+fused on CUDA), and the training loop's own `accumulate` and `optimizer_step` (trainer/training/step.py: no host sync in
 the step on CUDA). Optionally `--compile` (`UnifiedVoiceGPT.compile_blocks`: torch.compile of each block, dynamic
 shapes; `fidel train --compile`) and `--checkpointing` (`UnifiedVoiceGPT.set_activation_checkpointing`, for
 memory; `fidel train --activation-checkpointing`).
@@ -48,20 +48,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.config import GPTConfig  # noqa: E402
-from trainer.data import BucketBatchSampler, Example, collate, padding_efficiency, random_batches  # noqa: E402
-from trainer.distributed import Dist  # noqa: E402
-from trainer.model import Batch, UnifiedVoiceGPT, valid_mask  # noqa: E402
-from trainer.optim import make_optimizer, param_groups  # noqa: E402
-from trainer.train import (  # noqa: E402
-    LossModel,
-    MetricWindow,
-    NonFiniteWatch,
-    TrainConfig,
-    accumulate,
-    optimizer_step,
-    skips_on_device,
-)
+from trainer.model.config import GPTConfig  # noqa: E402
+from trainer.data.manifest import BucketBatchSampler, Example, collate, padding_efficiency, random_batches  # noqa: E402
+from trainer.training.distributed import Dist  # noqa: E402
+from trainer.model.gpt import Batch, UnifiedVoiceGPT, valid_mask  # noqa: E402
+from trainer.training.optim import make_optimizer, param_groups  # noqa: E402
+from trainer.training.metrics import MetricWindow, NonFiniteWatch  # noqa: E402
+from trainer.training.options import TrainConfig  # noqa: E402
+from trainer.training.step import LossModel, accumulate, optimizer_step, skips_on_device  # noqa: E402
 
 
 @dataclass(frozen=True)

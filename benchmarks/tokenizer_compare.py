@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sentencepiece import sentencepiece_model_pb2 as model_pb2  # noqa: E402
 
-from trainer.text import normalize_text  # noqa: E402
-from trainer.tokenizer import (  # noqa: E402
+from trainer.text.normalize import normalize_text  # noqa: E402
+from trainer.text.tokenizer import (  # noqa: E402
     NORMAL,
     extend_tokenizer,
     load_model_proto,

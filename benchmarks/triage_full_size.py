@@ -18,14 +18,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
 
 import torch  # noqa: E402
 
-from trainer.layout_fixture import RELEASE_GPT, write_layout_fixture  # noqa: E402
-from trainer.model import SPLIT_KEYS  # noqa: E402
-from trainer.triage import BUFFER_SUFFIXES  # noqa: E402
-from trainer.weights import read_state_dict  # noqa: E402
+from fixtures.layout_fixture import RELEASE_GPT, write_layout_fixture  # noqa: E402
+from trainer.model.gpt import SPLIT_KEYS  # noqa: E402
+from trainer.ops.triage import BUFFER_SUFFIXES  # noqa: E402
+from trainer.model.weights import read_state_dict  # noqa: E402
 
 NEW_ROWS = 12000
 STEP = 25000

@@ -21,7 +21,7 @@ from prefect.runtime import deployment, flow_run
 from prefect.states import Completed
 
 from tasks.data import data_checks
-from tasks.gates import GatesFailed, data_dir_of, evaluation_gates
+from tasks.gates import GatesFailed, RenderAudio, data_dir_of, evaluation_gates
 from tasks.lineage import (
     Attempt,
     CrashLoop,
@@ -38,10 +38,11 @@ from tasks.report import StageFailed, failed_state
 from tasks.spec import RunSpec, load_run_spec, run_spec_from_dict
 from tasks.stale_runs import claim_and_sweep
 from tasks.tokenizer import tokenizer_verification
-from tasks.tracking import git_commit, open_run, start_system_metrics
+from tasks.tracking import Tracker, git_commit, open_run, start_system_metrics
 from tasks.train import training
 from tasks.triage import checkpoint_triage
 from trainer.errors import FidelError
+from trainer.report import Check, print_report
 
 
 class Preempted(StageFailed):
@@ -51,24 +52,25 @@ class Preempted(StageFailed):
 @flow(name="fidel-finetune")
 def finetune(run_config: str | None = None, settings: dict | None = None, show_progress: bool = False,
              resume: str | None = None, max_resume_attempts: int = 3, resume_window_minutes: float = 60.0,
-             only_resume: bool = False, node_rank: int | None = None):
+             only_resume: bool = False, node_rank: int | None = None, render_audio: RenderAudio | None = None):
     """resume: None keeps the run file's setting; "auto" continues from the newest valid checkpoint (fresh when
     there is none); a path resumes that checkpoint. More than max_resume_attempts resumes within
     resume_window_minutes is a crash loop: the run fails instead of resuming again. only_resume (the resume
     schedule): no run file, or a lineage not started yet, ends Completed with a message saying what to configure.
     A fidel failure ends the flow run Failed with its one-line reason as the state message. node_rank: this
     machine's in a multi-node training (the run file's launch.node_rank otherwise): node 0 runs every stage, the
-    others only join its training (docs/deployments.md)."""
+    others only join its training (docs/deployments.md). render_audio: a hook that writes decoded codes as a .wav
+    (the demo passes its codec); without it the gates write no audio."""
     try:
         return start_or_resume(run_config, settings, show_progress, resume, max_resume_attempts,
-                               resume_window_minutes, only_resume, node_rank)
+                               resume_window_minutes, only_resume, node_rank, render_audio)
     except (FidelError, StageFailed) as exc:
         return failed_state(exc)
 
 
 def start_or_resume(run_config: str | None, settings: dict | None, show_progress: bool, resume: str | None,
                     max_resume_attempts: int, resume_window_minutes: float, only_resume: bool,
-                    node_rank: int | None = None):
+                    node_rank: int | None = None, render_audio: RenderAudio | None = None):
     if only_resume and not (run_config and Path(run_config).is_file()):
         return nothing_to_resume(f"no run file {run_config or '(run_config not set)'}: set this deployment's "
                                  "run_config parameter to your run.yaml (docs/deployments.md)")
@@ -94,7 +96,8 @@ def start_or_resume(run_config: str | None, settings: dict | None, show_progress
     try:
         if follower:
             return follow(spec)
-        return run_lineage(spec, lock, run_id, show_progress, max_resume_attempts, resume_window_minutes)
+        return run_lineage(spec, lock, run_id, show_progress, max_resume_attempts, resume_window_minutes,
+                           render_audio)
     finally:
         lock.release()
 
@@ -120,7 +123,7 @@ def nothing_to_resume(message: str) -> Completed:
 
 
 def run_lineage(spec: RunSpec, lock: OutputDirLock, run_id: str | None, show_progress: bool,
-                max_resume_attempts: int, resume_window_minutes: float):
+                max_resume_attempts: int, resume_window_minutes: float, render_audio: RenderAudio | None = None):
     log = get_run_logger()
     output_dir = Path(spec.output_dir)
     try:
@@ -165,7 +168,7 @@ def run_lineage(spec: RunSpec, lock: OutputDirLock, run_id: str | None, show_pro
         result = training(spec, data["data_dir"], decision, tracker, show_progress)
         if result.status == "preempted":
             raise Preempted(f"preempted at step {result.step}/{result.total_steps}, resumable: {result.reason}")
-        gates = evaluation_gates(spec, result, tracker)
+        gates = evaluation_gates(spec, result, tracker, render_audio)
     except Preempted:
         monitor.finish()
         tracker.set_tags({"status": "preempted"})
@@ -192,3 +195,12 @@ def run_lineage(spec: RunSpec, lock: OutputDirLock, run_id: str | None, show_pro
     write_finished(output_dir, {"status": "completed", "export_dir": gates["export_dir"], "summary": summary,
                                 "finished_at": time.time()})
     return summary
+
+
+def print_summary(summary: dict) -> None:
+    """Every gate, advisory ones marked, and the way to the MLflow run."""
+    print(f"\nMLflow run {summary['mlflow_run_id']} (experiment {summary['experiment_id']})")
+    print_report([Check(**gate) for gate in summary["gates"]], indent="  ")
+    print(f"exported model: {summary['export_dir']}")
+    tracker = Tracker(summary["tracking_uri"], summary["mlflow_run_id"], summary["experiment_id"], resumed=False)
+    print(tracker.how_to_view())

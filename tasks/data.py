@@ -10,8 +10,8 @@ from prefect.cache_policies import NO_CACHE
 from tasks.report import StageFailed, logger, publish
 from tasks.spec import RunSpec
 from tasks.tracking import Tracker
-from trainer.datacheck import CheckSettings, DataReport, write_report_files
-from trainer.parquet_data import (
+from trainer.data.checks import CheckSettings, DataReport, write_report_files
+from trainer.data.parquet import (
     DATASET_JSON,
     ParquetPairs,
     build_dataset,

@@ -5,7 +5,9 @@ with the alias `candidate`. Checkpoints stay where they are; the run references 
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from prefect import task
@@ -14,21 +16,31 @@ from prefect.cache_policies import NO_CACHE
 from tasks.report import StageFailed, logger, publish
 from tasks.spec import RunSpec
 from tasks.tracking import CANDIDATE_ALIAS, Tracker, log_export_model, register_export
-from trainer.export import export_model, read_export_record
-from trainer.gates import (
+from trainer.data.loader import training_data
+from trainer.data.parquet import ParquetPairs
+from trainer.model.weights import torch_load
+from trainer.ops.export import export_model, read_export_record
+from trainer.ops.gates import (
     advisory_failures,
     all_passed,
     exported_base_rows_identical,
     finite,
     first_failure,
+    inference_smoke,
+    new_row_ids,
+    new_rows_learning,
+    new_rows_of,
     not_diverging,
     reasons_markdown,
     report_markdown,
     validation_improves,
     verdict,
 )
-from trainer.parquet_data import ParquetPairs
-from trainer.train import TrainResult
+from trainer.ops.generate import DEFAULT_DECODE, decode_validation, trained_model
+from trainer.training.build import build_model
+from trainer.training.trainer import TrainResult
+
+RenderAudio = Callable[[list[int], Path], None]  # writes the codes as a listenable .wav at the path
 
 
 class GatesFailed(StageFailed):
@@ -49,7 +61,8 @@ def data_dir_of(spec: RunSpec) -> Path:
 
 
 @task(name="evaluation-gates", cache_policy=NO_CACHE)
-def evaluation_gates(spec: RunSpec, result: TrainResult, tracker: Tracker | None) -> dict:
+def evaluation_gates(spec: RunSpec, result: TrainResult, tracker: Tracker | None,
+                     render_audio: RenderAudio | None = None) -> dict:
     export_dir = Path(spec.output_dir) / "export" / f"step{result.step:08d}"
     exported = read_export_record(export_dir) or export_model(result.checkpoint, export_dir).record
     history = result.val_history
@@ -65,7 +78,7 @@ def evaluation_gates(spec: RunSpec, result: TrainResult, tracker: Tracker | None
         validation_improves(start["val_mel_loss"], end["val_mel_loss"], name="validation_improves_mel"),
         validation_improves(start["val_text_loss"], end["val_text_loss"], name="validation_improves_text"),
     ]
-    (learning, smoke), smoke_extra = learning_and_smoke(spec, result, str(data_dir_of(spec)))
+    (learning, smoke), smoke_extra = learning_and_smoke(spec, result, str(data_dir_of(spec)), render_audio)
     # advisory unless the run file sets enforce_inference_smoke: short runs (tests, the demo) don't stop yet
     smoke.advisory = not spec.enforce_inference_smoke
     results += [learning, smoke]
@@ -103,14 +116,13 @@ def evaluation_gates(spec: RunSpec, result: TrainResult, tracker: Tracker | None
 
 
 def gate_tagger(tracker: Tracker | None):
-    """An on_results callback for trainer.gates.validation_hook: each gate's result, and the first failure,
+    """An on_results callback for trainer.ops.gates.validation_hook: each gate's result, and the first failure,
     tagged on the lineage's MLflow run."""
 
     def on_results(step: int, results: list) -> None:
         try:
             log = logger()
         except Exception:  # noqa: BLE001 - outside a Prefect run (the CLI's experimental resume)
-            import logging
 
             log = logging.getLogger("fidel.gates")
         for r in results:
@@ -129,16 +141,11 @@ def gate_tagger(tracker: Tracker | None):
 SMOKE_TEXTS = 4
 
 
-def learning_and_smoke(spec: RunSpec, result: TrainResult, data_dir: str | None = None) -> tuple[list, dict]:
+def learning_and_smoke(spec: RunSpec, result: TrainResult, data_dir: str | None = None,
+                       render_audio: RenderAudio | None = None) -> tuple[list, dict]:
     """The end-of-run gates that need the model: new rows learning (rows of the new tokens in the train data moved
     from their replayed init) and the inference smoke (greedy decoding with a KV cache of a few validation texts).
-    For the demo, one decoded sentence is also written as a .wav through the demo codec."""
-    from trainer.data import training_data
-    from trainer.gates import inference_smoke, new_row_ids, new_rows_learning, new_rows_of
-    from trainer.generate import DEFAULT_DECODE, decode_validation, trained_model
-    from trainer.train import build_model
-    from trainer.weights import torch_load
-
+    With a render_audio hook (the demo passes its codec), one decoded sentence is also written as a .wav."""
     tc = spec.train_config(Path(data_dir) if data_dir else None)
     init = build_model(tc)
     b = init.base_rows
@@ -151,14 +158,9 @@ def learning_and_smoke(spec: RunSpec, result: TrainResult, data_dir: str | None 
     smoke = inference_smoke([(len(g.codes), g.stopped, ref) for g, ref in decoded], decode=DEFAULT_DECODE)
     extra = {"smoke": [{"codes": len(g.codes), "stopped": g.stopped, "reference": ref} for g, ref in decoded],
              "decode": DEFAULT_DECODE}
-    codec = Path(spec.output_dir).parent.parent / "corpus" / "codec.pt"
-    if codec.is_file() and decoded and decoded[0][0].codes:
-        import soundfile
-
-        from trainer.demo_codec import SAMPLE_RATE, DemoCodec
-
+    if render_audio is not None and decoded and decoded[0][0].codes:
         wav = Path(spec.output_dir) / "smoke" / f"val0_step{result.step:08d}.wav"
         wav.parent.mkdir(parents=True, exist_ok=True)
-        soundfile.write(wav, DemoCodec.load(codec).to_wav(decoded[0][0].codes), SAMPLE_RATE)
+        render_audio(decoded[0][0].codes, wav)
         extra["wav"] = str(wav)
     return [learning, smoke], extra

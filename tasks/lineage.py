@@ -11,11 +11,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.runtime import flow_run
+from prefect.settings import PREFECT_API_URL
+
 from tasks.report import StageFailed, lineage_key
 from tasks.tracking import RUN_FILE, Tracker
-from trainer.checkpoint import atomic_write_json, list_checkpoints
-from trainer.export import read_export_record
 from trainer.markdown import escape
+from trainer.ops.export import read_export_record
+from trainer.training.checkpoint import atomic_write_json, list_checkpoints
 
 FINISHED_FILE = "finished.json"
 ATTEMPTS_FILE = "resume_attempts.json"
@@ -84,10 +88,6 @@ def record_attempt(output_dir: Path, attempt: Attempt, max_attempts: int, window
 def link_runs(tracker: Tracker, output_dir: Path, log) -> None:
     """Each UI names the other: a Prefect link (or markdown) artifact and a log line with the MLflow run, and the
     Prefect flow run's URL on the MLflow run when PREFECT_API_URL points at a server."""
-    from prefect.artifacts import create_link_artifact, create_markdown_artifact
-    from prefect.runtime import flow_run
-    from prefect.settings import PREFECT_API_URL
-
     log.info(tracker.how_to_view())
     key = f"{lineage_key(output_dir)}-mlflow"
     if url := tracker.url():

@@ -14,8 +14,8 @@ from tasks.data import data_stage_result, publish_report
 from tasks.report import logger
 from tasks.spec import RunSpec
 from tasks.tracking import Tracker
-from trainer.datacheck import CheckSettings
-from trainer.prepare import PrepareSettings, prepare
+from trainer.data.checks import CheckSettings
+from trainer.data.prepare import PrepareSettings, prepare
 
 
 @task(name="prepare", cache_policy=NO_CACHE)

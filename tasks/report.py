@@ -11,8 +11,10 @@ from pathlib import Path
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import MissingContextError
+from prefect.states import Failed
 
 from tasks.tracking import Tracker
+from trainer.errors import FidelError
 from trainer.markdown import escape
 
 CURVES = {"text loss": ("train_text_loss", "val_text_loss"), "mel loss": ("train_mel_loss", "val_mel_loss"),
@@ -30,8 +32,6 @@ def one_line(exc: Exception) -> str:
 def failed_state(exc: Exception):
     """The flow run's Failed state for a fidel failure: the one-line reason as its message. A direct call of the
     flow still raises exc."""
-    from prefect.states import Failed
-
     logger().error(one_line(exc))
     return Failed(message=one_line(exc), data=exc)
 
@@ -41,8 +41,6 @@ class OneLineFailures(logging.Filter):
     a stage that stopped the run) the one-line reason is the whole story, in the UI and in a worker's log."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from trainer.errors import FidelError
-
         if record.exc_info and isinstance(record.exc_info[1], FidelError | StageFailed):
             record.exc_info, record.exc_text = None, None
         return True

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import yaml
 
+from trainer.data.manifest import split_manifest_spec
+from trainer.data.prepare import PREPARE_PATHS, PrepareSettings
 from trainer.errors import FidelError
-from trainer.options import LaunchOptions, TrainConfig, check, from_mapping, option, same_as, section
-from trainer.prepare import PREPARE_PATHS, PrepareSettings
+from trainer.training.options import LaunchOptions, TrainConfig, check, from_mapping, option, same_as, section
 
 INPUTS = ("tokenizer", "base_tokenizer", "config", "base_checkpoint")
 
@@ -55,8 +56,6 @@ class RunSpec:
 
     def check_inputs(self) -> None:
         """Every input file there and readable, before any stage starts."""
-        from trainer.data import split_manifest_spec
-
         manifests = [(name, split_manifest_spec(m)[0]) for name in ("train_manifests", "val_manifests")
                      for m in getattr(self, name)]
         for key, path in [*((k, Path(getattr(self, k))) for k in INPUTS), *manifests]:

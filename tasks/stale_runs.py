@@ -12,6 +12,16 @@ import hashlib
 from pathlib import Path
 from uuid import UUID
 
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    FlowRunFilterTags,
+)
+from prefect.client.schemas.objects import StateType
+from prefect.states import Crashed
+
 from tasks.lock import OutputDirLock
 
 
@@ -21,16 +31,6 @@ def lock_tag(output_dir: str | Path) -> str:
 
 def claim_and_sweep(lock: OutputDirLock, output_dir: str | Path, flow_run_id: str | UUID | None) -> list[str]:
     """Tag this flow run as the output dir's holder; mark stale Running holders Crashed. Returns their ids."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterState,
-        FlowRunFilterStateType,
-        FlowRunFilterTags,
-    )
-    from prefect.client.schemas.objects import StateType
-    from prefect.states import Crashed
-
     if flow_run_id is None:
         return []
     tag = lock_tag(output_dir)

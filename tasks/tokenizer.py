@@ -8,8 +8,8 @@ from prefect.cache_policies import NO_CACHE
 from tasks.report import StageFailed, logger, publish
 from tasks.spec import RunSpec
 from tasks.tracking import Tracker
-from trainer.tokenizer import load_tokenizer, verify_tokenizer
-from trainer.weights import torch_load, upstream_keys_of
+from trainer.model.weights import torch_load, upstream_keys_of
+from trainer.text.tokenizer import load_tokenizer, verify_tokenizer
 
 
 @task(name="tokenizer-verification", cache_policy=NO_CACHE)

@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
+from tasks.gates import gate_tagger
 from tasks.report import StageFailed, lineage_key, logger, publish_loss_curves
 from tasks.spec import RunSpec
 from tasks.tracking import MetricLog, Tracker
-from trainer.checkpoint import latest_valid_checkpoint, read_sidecar
-from trainer.distributed import launch_function
 from trainer.errors import FidelError
-from trainer.experimental import continue_community
-from trainer.progress import Progress
-from trainer.train import TrainHooks, TrainResult, train
+from trainer.ops.experimental import continue_community
+from trainer.ops.gates import GateConfig, validation_hook
+from trainer.training.checkpoint import latest_valid_checkpoint, read_sidecar
+from trainer.training.distributed import launch_function
+from trainer.training.progress import Progress
+from trainer.training.trainer import TrainHooks, TrainResult, train
 
 PROGRESS_UPDATE_S = 10.0
 
@@ -82,11 +85,6 @@ def progress_hooks(tracker: Tracker | None, show_progress: bool, progress_artifa
 
 def with_validation_gates(hooks: TrainHooks, tc, tracker: Tracker | None) -> TrainHooks:
     """Gates at every validation (finite, not diverging, base intact in split mode); a failure stops training."""
-    from dataclasses import replace
-
-    from tasks.gates import gate_tagger
-    from trainer.gates import GateConfig, validation_hook
-
     config = GateConfig(text_loss_weight=tc.text_loss_weight, mel_loss_weight=tc.mel_loss_weight)
     started = hooks.on_start
 

@@ -9,7 +9,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks.report import StageFailed, logger, publish
 from tasks.spec import RunSpec
 from tasks.tracking import Tracker
-from trainer.triage import Reference, triage_output_dir, triage_path
+from trainer.ops.triage import Reference, triage_output_dir, triage_path
 
 
 @task(name="checkpoint-triage", cache_policy=NO_CACHE)

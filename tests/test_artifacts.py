@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 
 from tasks.report import lineage_key
 from trainer.report import Check
-from trainer.gates import reasons_markdown, report_markdown
+from trainer.ops.gates import reasons_markdown, report_markdown
 from trainer.markdown import table
 
 PARSER = MarkdownIt("commonmark", {"html": True}).enable("table")  # html on: a swallowed tag shows as a token
@@ -119,7 +119,7 @@ def test_a_lineage_tells_its_story_in_both_uis(tiny_project, tmp_path, mlflow_ur
 
 
 def test_the_final_summary_lists_every_gate_advisory_ones_marked(capsys):
-    from flows.cli import print_summary
+    from flows.finetune import print_summary
 
     gates = [Check("finite", True, "all finite").to_dict(),
              Check("inference_smoke", False, "0/4 stopped", advisory=True).to_dict()]

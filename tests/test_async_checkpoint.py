@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-import trainer.async_checkpoint as async_checkpoint
-from trainer.async_checkpoint import AsyncCheckpointWriter
-from trainer.checkpoint import load_checkpoint, verify_checkpoint
+import trainer.training.writer as writer_module
+from trainer.training.writer import AsyncCheckpointWriter
+from trainer.training.checkpoint import load_checkpoint, verify_checkpoint
 
 
 def training_state():
@@ -27,13 +27,13 @@ def training_state():
 def test_writes_the_state_as_it_was_at_submit(tmp_path, monkeypatch):
     model, optimizer, history = training_state()
     release = threading.Event()
-    real_save = async_checkpoint.save_checkpoint
+    real_save = writer_module.save_checkpoint
 
     def slow_save(*args):
         release.wait(10)
         return real_save(*args)
 
-    monkeypatch.setattr(async_checkpoint, "save_checkpoint", slow_save)
+    monkeypatch.setattr(writer_module, "save_checkpoint", slow_save)
     expected_model = {k: v.clone() for k, v in model.state_dict().items()}
     expected_moment = optimizer.state_dict()["state"][0]["exp_avg"].clone()
     writer = AsyncCheckpointWriter()
@@ -58,13 +58,13 @@ def test_writes_the_state_as_it_was_at_submit(tmp_path, monkeypatch):
 
 def test_loop_blocks_only_for_the_snapshot(tmp_path, monkeypatch):
     model, optimizer, _ = training_state()
-    real_save = async_checkpoint.save_checkpoint
+    real_save = writer_module.save_checkpoint
 
     def slow_save(*args):
         time.sleep(0.5)
         return real_save(*args)
 
-    monkeypatch.setattr(async_checkpoint, "save_checkpoint", slow_save)
+    monkeypatch.setattr(writer_module, "save_checkpoint", slow_save)
     writer = AsyncCheckpointWriter()
     timing = writer.submit(tmp_path, 1, {"model": model.state_dict()}, {})
     assert timing.blocked_s < 0.25 and timing.waited_s < 0.05
@@ -101,7 +101,7 @@ def test_a_failed_write_raises_in_the_loop_and_leaves_no_file(tmp_path, monkeypa
     def broken(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(async_checkpoint, "save_checkpoint", broken)
+    monkeypatch.setattr(writer_module, "save_checkpoint", broken)
     writer = AsyncCheckpointWriter()
     done = []
     writer.submit(tmp_path, 1, {"w": torch.ones(2)}, {}, on_done=done.append)
@@ -113,7 +113,7 @@ def test_a_failed_write_raises_in_the_loop_and_leaves_no_file(tmp_path, monkeypa
 
 @pytest.mark.slow
 def test_training_with_background_saves_matches_synchronous_saves(tiny_project, make_train_config, tmp_path):
-    from trainer.train import TrainHooks, train
+    from trainer.training.trainer import TrainHooks, train
 
     committed = {}
     results = {}

@@ -36,7 +36,7 @@ TINY_STEPS = 4
 @dataclass
 class Workspace:
     root: Path
-    project: object  # trainer.synthetic.TinyProject, a private copy
+    project: object  # fixtures.synthetic.TinyProject, a private copy
     trained: Path  # a private copy of a finished tiny run (checkpoints at steps 2 and 4)
     parquet: Path  # a private copy of the project's dataset as `fidel data build` writes it
     mounts: list[Path] = field(default_factory=list)
@@ -206,7 +206,7 @@ def huge_header(ws: Workspace) -> None:
 
 
 def edited_tokenizer(ws: Workspace, edit: Callable) -> Path:
-    from trainer.tokenizer import load_model_proto, write_model
+    from trainer.text.tokenizer import load_model_proto, write_model
 
     proto = load_model_proto(ws.project.tokenizer)
     edit(proto)
@@ -743,7 +743,7 @@ def test_fault(name, kind, run, code, expect, workspace: Workspace):
 
 
 def test_data_check_flags_one_id_with_two_contents(workspace: Workspace):
-    from trainer.datacheck import check_manifests
+    from trainer.data.checks import check_manifests
 
     records = workspace.records()
     records[5]["id"] = records[2]["id"]

@@ -3,7 +3,7 @@ import pickle
 import pytest
 import torch
 
-from trainer.checkpoint import (
+from trainer.training.checkpoint import (
     atomic_write_bytes,
     latest_valid_checkpoint,
     list_checkpoints,
@@ -14,7 +14,7 @@ from trainer.checkpoint import (
     set_rng_state,
 )
 from trainer.errors import FidelError
-from trainer.triage import triage_output_dir, triage_path
+from trainer.ops.triage import triage_output_dir, triage_path
 
 
 def save(folder, step):
@@ -61,7 +61,7 @@ def test_malicious_pickle_is_refused(tmp_path):
     path.write_bytes(pickle.dumps(Evil()))
     decision = triage_path(path)
     assert decision.action == "refuse" and decision.candidates[0].finding == "hostile"
-    from trainer.weights import torch_load
+    from trainer.model.weights import torch_load
 
     with pytest.raises(FidelError, match="evil.pt"):
         torch_load(path)

@@ -77,15 +77,15 @@ def test_sigterm_saves_within_seconds_and_exits_75(tiny_project, tmp_path):
     assert proc.returncode == 75, output
     assert time.monotonic() - sent < 10
     assert "preempted" in output
-    from trainer.triage import triage_output_dir
+    from trainer.ops.triage import triage_output_dir
 
     decision = triage_output_dir(tmp_path / "out")
     assert decision.action == "resume" and f"saved at step {decision.candidates[0].step}" in output
 
 
 def test_speed_flags_reach_the_train_config(tiny_project, tmp_path, monkeypatch):
-    import trainer.train as train_module
-    from trainer.train import TrainResult
+    import trainer.training.trainer as train_module
+    from trainer.training.trainer import TrainResult
 
     seen = []
     monkeypatch.setattr(train_module, "train",
@@ -118,10 +118,10 @@ def test_readme_option_table_is_the_definition(capsys):
 
 
 def test_one_default_per_option_whichever_way_it_is_given(tmp_path, monkeypatch):
-    import trainer.train as train_module
+    import trainer.training.trainer as train_module
     from tasks.spec import run_spec_from_dict
-    from trainer.options import TrainConfig
-    from trainer.train import TrainResult
+    from trainer.training.options import TrainConfig
+    from trainer.training.trainer import TrainResult
 
     seen = []
     monkeypatch.setattr(train_module, "train", lambda tc, hooks: seen.append(tc) or TrainResult("completed", 0, 0, None, {}))
@@ -153,8 +153,8 @@ def test_bad_flag_values_name_the_flag_as_typed(tmp_path, capsys, flags, line):
 
 
 def test_community_spellings_reach_the_same_option(tmp_path, monkeypatch):
-    import trainer.train as train_module
-    from trainer.train import TrainResult
+    import trainer.training.trainer as train_module
+    from trainer.training.trainer import TrainResult
 
     seen = []
     monkeypatch.setattr(train_module, "train", lambda tc, hooks: seen.append(tc) or TrainResult("completed", 0, 0, None, {}))
@@ -168,7 +168,7 @@ def test_progress_is_plain_lines_off_a_terminal(monkeypatch):
     import io
     import itertools
 
-    import trainer.progress as progress
+    import trainer.training.progress as progress
 
     clock = itertools.chain([0.0, 1.0, 31.0, 40.0, 41.0], itertools.count(100.0))
     monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
@@ -216,12 +216,12 @@ def test_a_temporary_server_too_slow_to_start_is_one_line_naming_the_setting(tin
 
 
 def test_an_unexpected_error_is_one_line_with_the_traceback_in_a_file(monkeypatch, capsys):
-    import flows.cli as cli
+    import flows.cli.train as cli_train
 
     def broken(args):
         raise RuntimeError("something fidel did not foresee")
 
-    monkeypatch.setattr(cli, "cmd_options", broken)
+    monkeypatch.setattr(cli_train, "cmd_options", broken)
     assert main(["options"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unexpected RuntimeError: something fidel did not foresee (traceback in ")

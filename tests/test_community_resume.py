@@ -12,9 +12,9 @@ import torch
 
 from trainer.hashing import file_sha256
 from trainer.training.checkpoint import list_checkpoints, read_sidecar
-from trainer.community_run import Project, TrainerFlags, community_run
-from trainer.triage import Reference
-from trainer.weights import torch_load
+from fixtures.community_run import Project, TrainerFlags, community_run
+from trainer.ops.triage import Reference
+from trainer.model.weights import torch_load
 
 STEP = 25000
 
@@ -154,7 +154,7 @@ def test_fidel_train_resume_refuses_what_triage_refuses(tiny_project, fixed, tmp
     from test_triage import Payload
 
     from flows.cli import main
-    from trainer.community_run import prune_export
+    from fixtures.community_run import prune_export
 
     out = tmp_path / "out"
     other_vocab = train_args(tiny_project, out, fixed, STEP + 1)

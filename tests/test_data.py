@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.data import (
+from trainer.data.manifest import (
     BucketBatchSampler,
     padding_efficiency,
     pair_manifest,
@@ -19,12 +19,12 @@ from trainer.data import (
     read_npy,
     sorted_batches,
     split_manifest_spec,
-    training_data,
 )
-from trainer.datacheck import CheckSettings, check_manifests
+from trainer.data.loader import training_data
+from trainer.data.checks import CheckSettings, check_manifests
 from trainer.errors import FidelError
-from trainer.parquet_data import build_dataset
-from trainer.synthetic import TinyProject, make_tiny_project
+from trainer.data.parquet import build_dataset
+from fixtures.synthetic import TinyProject, make_tiny_project
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +202,8 @@ def test_training_data_from_parquet_or_jsonl(project, tmp_path):
 @pytest.mark.slow
 def test_training_on_parquet_equals_training_on_jsonl(project, tmp_path):
     """float32 conditioning and re-tokenised ids equal to the stored ones: the same run, bit for bit."""
-    from trainer.train import TrainConfig, train
+    from trainer.training.options import TrainConfig
+    from trainer.training.trainer import train
 
     build_dataset({"train": [str(project.train_manifest)], "val": [str(project.val_manifest)]}, project.tokenizer,
                   project.base_config, tmp_path / "ds", CheckSettings(cond_dtype="float32"))

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.demo_codec import (
+from flows.demo.codec import (
     HOP,
     N_MELS,
     SAMPLE_RATE,

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from trainer.demo_codec import SAMPLE_RATE, DemoCodec
-from trainer.demo_corpus import (
+from flows.demo.codec import SAMPLE_RATE, DemoCodec
+from flows.demo.corpus import (
     SPEAKERS,
     amharic_sentences,
     amharic_words,
@@ -220,7 +220,7 @@ def test_conditioning_identifies_speaker(corpus):
 
 
 def test_missing_tools_raise_fidel_error(monkeypatch, tmp_path):
-    import trainer.demo_corpus as dc
+    import flows.demo.corpus as dc
 
     def no_such_program(*args, **kwargs):
         raise FileNotFoundError(args[0][0])

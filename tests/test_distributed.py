@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch.multiprocessing as mp
 
-from trainer.train import TrainHooks, train
+from trainer.training.trainer import TrainHooks, train
 
 
 def free_port() -> int:
@@ -24,7 +24,7 @@ def free_port() -> int:
 def worker(rank: int, world: int, port: int, config: dict, record: str) -> None:
     os.environ.update({"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    from trainer.train import TrainConfig
+    from trainer.training.options import TrainConfig
 
     rows = []
     result = train(TrainConfig(**config), TrainHooks(on_commit=rows.extend))
@@ -104,7 +104,7 @@ def finish(nodes: dict[int, subprocess.Popen], timeout: float = 150) -> dict[int
 
 def committed_rows(out: Path) -> list:
     """Every metric row the run committed, from the checkpoints that carry them (one per save)."""
-    from trainer.checkpoint import list_checkpoints, load_checkpoint
+    from trainer.training.checkpoint import list_checkpoints, load_checkpoint
 
     return [row for path in list_checkpoints(out) for row in load_checkpoint(path)[0]["committed_rows"]]
 
@@ -130,7 +130,7 @@ def test_two_nodes_match_one_process_with_accumulation_2(tiny_project, make_trai
 
 @pytest.mark.slow
 def test_sigterm_on_one_node_saves_and_stops_both_then_both_resume(tiny_project, tmp_path):
-    from trainer.checkpoint import latest_valid_checkpoint, load_checkpoint
+    from trainer.training.checkpoint import latest_valid_checkpoint, load_checkpoint
 
     out = tmp_path / "run"
     nodes = start_nodes(tiny_project, out, "--max-steps", "100000", "--log-interval", "1", "--val-interval", "1000",
@@ -215,7 +215,7 @@ def test_the_run_file_takes_the_launch_settings(tmp_path):
 
 
 def test_torchrun_gets_c10d_across_machines_and_node_0_hosts_the_store():
-    from trainer.distributed import torchrun_args
+    from trainer.training.distributed import torchrun_args
 
     assert torchrun_args(4) == ["--nproc_per_node=4", "--standalone"]
     follower = torchrun_args(2, nnodes=3, node_rank=1, rdzv_endpoint="gpu-0:29500")
@@ -228,7 +228,7 @@ def test_the_flow_training_stage_runs_in_torchrun_workers(tiny_project, make_tra
     """What `fidel run` does with launch.nproc 2 (and, per machine, with launch.nnodes): the training stage's
     workers are started from Python, rank 0 with the stage's hooks; its result comes back to the flow."""
     from tasks.train import launched_training
-    from trainer.options import LaunchOptions
+    from trainer.training.options import LaunchOptions
 
     settings = dict(max_steps=6, device="cpu", log_interval=3, val_interval=3, save_interval=3)
     single = train(make_train_config(tiny_project, tmp_path / "one", grad_accumulation=2, **settings))

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from trainer.hashing import file_sha256
-from trainer.community_run import Project, TrainerFlags, community_run
-from trainer.experimental import backup_checkpoint, experimental_resume, repair_community_state
-from trainer.weights import torch_load, upstream_keys_of
+from fixtures.community_run import Project, TrainerFlags, community_run
+from trainer.ops.experimental import backup_checkpoint, experimental_resume, repair_community_state
+from trainer.model.weights import torch_load, upstream_keys_of
 
 
 @pytest.fixture(scope="module")

@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from flows.cli import main as fidel
-from trainer.checkpoint import list_checkpoints
-from trainer.config import gpt_config_from_dict, load_gpt_config, read_config_yaml
+from trainer.training.checkpoint import list_checkpoints
+from trainer.model.config import gpt_config_from_dict, load_gpt_config, read_config_yaml
 from trainer.errors import FidelError
-from trainer.export import export_model
-from trainer.layout_fixture import SMALL_CONDITIONING, write_layout_fixture
-from trainer.model import SPLIT_KEYS, UnifiedVoiceGPT, load_upstream_state_dict, upstream_state_dict
-from trainer.synthetic import tiny_config_dict
-from trainer.tokenizer import load_tokenizer
-from trainer.train import train
-from trainer.weights import read_state_dict, same_bytes, upstream_layout
+from trainer.ops.export import export_model
+from fixtures.layout_fixture import SMALL_CONDITIONING, write_layout_fixture
+from trainer.model.gpt import SPLIT_KEYS, UnifiedVoiceGPT, load_upstream_state_dict, upstream_state_dict
+from fixtures.synthetic import tiny_config_dict
+from trainer.text.tokenizer import load_tokenizer
+from trainer.training.trainer import train
+from trainer.model.weights import read_state_dict, same_bytes, upstream_layout
 
 
 @pytest.fixture
@@ -121,7 +121,7 @@ def test_hooks_mode_drifts_so_its_export_is_refused(full_layout_project, make_tr
 
 
 def test_train_cli_passes_freeze_duration_control_and_init(monkeypatch, tmp_path):
-    import trainer.train as train_module
+    import trainer.training.trainer as train_module
 
     seen = {}
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from trainer.gates import (
+from trainer.ops.gates import (
     GateConfig,
     finite,
     inference_smoke,
@@ -21,12 +21,13 @@ from trainer.gates import (
     validation_hook,
     validation_improves,
 )
-from trainer.train import TrainHooks, build_model, train
-from trainer.weights import torch_load
+from trainer.training.build import build_model
+from trainer.training.trainer import TrainHooks, train
+from trainer.model.weights import torch_load
 
 
 def used_rows(tc, base_rows):
-    from trainer.data import training_data
+    from trainer.data.loader import training_data
 
     data = training_data(tc.train_manifests, tc.val_manifests, tc.batch_size, tc.seed, tokenizer=tc.tokenizer)
     return new_row_ids([data.train_set[i].text_ids for i in range(len(data.train_set))], base_rows)

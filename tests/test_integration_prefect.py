@@ -22,7 +22,7 @@ import yaml
 from mlflow import MlflowClient
 
 from tasks.lock import AlreadyRunning, OutputDirLock
-from trainer.checkpoint import NAME, latest_valid_checkpoint
+from trainer.training.checkpoint import NAME, latest_valid_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.config import gpt_config_from_dict, load_gpt_config, read_config_yaml, write_config_yaml
-from trainer.layout_fixture import RELEASE_GPT, SMALL_CONDITIONING, config_dict, write_layout_fixture
-from trainer.model import Batch
-from trainer.optim import make_optimizer, param_groups
-from trainer.synthetic import tiny_config_dict
-from trainer.train import TrainConfig, optimizer_step
-from trainer.vocab import extended_model
-from trainer.weights import (
+from trainer.model.config import gpt_config_from_dict, load_gpt_config, read_config_yaml, write_config_yaml
+from fixtures.layout_fixture import RELEASE_GPT, SMALL_CONDITIONING, config_dict, write_layout_fixture
+from trainer.model.gpt import Batch
+from trainer.training.optim import make_optimizer, param_groups
+from fixtures.synthetic import tiny_config_dict
+from trainer.training.options import TrainConfig
+from trainer.training.step import optimizer_step
+from trainer.model.vocab import extended_model
+from trainer.model.weights import (
     export_problems,
     export_state_dict,
     load_base_checkpoint,

@@ -13,13 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import trainer.parquet_data as parquet_data
-from trainer.data import collate, read_manifest
-from trainer.datacheck import CheckSettings
+import trainer.data.parquet as parquet_data
+from trainer.data.manifest import collate, read_manifest
+from trainer.data.checks import CheckSettings
 from trainer.errors import FidelError
-from trainer.parquet_data import ParquetPairs, build_dataset, read_dataset_info
-from trainer.synthetic import TinyProject, make_tiny_project
-from trainer.tokenizer import encode, load_tokenizer
+from trainer.data.parquet import ParquetPairs, build_dataset, read_dataset_info
+from fixtures.synthetic import TinyProject, make_tiny_project
+from trainer.text.tokenizer import encode, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_float16_is_the_default_and_recorded(project, tmp_path):
 def test_reader_gives_what_the_npy_files_hold(project, tmp_path):
     build(project, tmp_path / "ds", cond_dtype="float32")
     ds = ParquetPairs([tmp_path / "ds" / "train.parquet"], tokenizer=project.tokenizer)
-    from trainer.data import PairDataset
+    from trainer.data.manifest import PairDataset
 
     npy = PairDataset(read_manifest(project.train_manifest))
     assert len(ds) == len(npy) == 24

@@ -33,7 +33,7 @@ def test_flow_runs_all_stages_and_tracks_them(tiny_project, tmp_path, mlflow_uri
 
 
 def test_preempted_flow_resumes_into_the_same_run(tiny_project, tmp_path, mlflow_uri, monkeypatch):
-    import trainer.train as train_module
+    import trainer.training.trainer as train_module
 
     original, calls = train_module.optimizer_step, []
 

@@ -2,7 +2,7 @@ import unicodedata
 
 import pytest
 
-from trainer.text import (
+from trainer.text.normalize import (
     ETHIOPIC_RANGES,
     ethiopic_numeral_value,
     normalize_text,
@@ -102,8 +102,8 @@ def amharic_sample():
     word list; every one with a numeral, most with ፣ or ፤ as well."""
     import random
 
-    from trainer.demo_corpus import _amharic_sentence
-    from trainer.synthetic import AMHARIC_WORDS
+    from flows.demo.corpus import _amharic_sentence
+    from fixtures.synthetic import AMHARIC_WORDS
 
     rng = random.Random(0)
     out = []
@@ -121,10 +121,10 @@ def test_fidel_normalisation_through_upstreams_front_end_gives_the_training_ids(
 
     from indextts.utils.front import TextNormalizer, TextTokenizer
 
-    from trainer.demo_corpus import _english_sentence
-    from trainer.synthetic import ENGLISH_WORDS
-    from trainer.text import FidelTextTokenizer
-    from trainer.tokenizer import encode, extend_tokenizer, load_tokenizer, train_base_tokenizer
+    from flows.demo.corpus import _english_sentence
+    from fixtures.synthetic import ENGLISH_WORDS
+    from trainer.text.normalize import FidelTextTokenizer
+    from trainer.text.tokenizer import encode, extend_tokenizer, load_tokenizer, train_base_tokenizer
 
     # a base that knows , . ? ! as the official one does, extended on the sample: no <unk> in the training ids
     rng = random.Random(1)

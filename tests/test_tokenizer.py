@@ -9,8 +9,8 @@ import pytest
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from trainer.errors import FidelError
-from trainer.text import is_script_char, normalize_text
-from trainer.tokenizer import (
+from trainer.text.normalize import is_script_char, normalize_text
+from trainer.text.tokenizer import (
     BASE_SAMPLES,
     NORMAL,
     USER_DEFINED,

@@ -16,7 +16,7 @@ from tasks.tracking import (
     register_export,
     start_system_metrics,
 )
-from trainer.checkpoint import save_checkpoint
+from trainer.training.checkpoint import save_checkpoint
 from trainer.errors import FidelError
 
 
@@ -149,7 +149,7 @@ class Killed(BaseException):
 def test_a_kill_between_checkpoints_then_a_resume_logs_every_step_once(tiny_project, tmp_path, mlflow_uri,
                                                                         make_train_config):
     from tasks.train import progress_hooks
-    from trainer.train import train
+    from trainer.training.trainer import train
 
     out = tmp_path / "out"
     tracker = open_run(out, mlflow_uri)

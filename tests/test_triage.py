@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.community_run import Project, TrainerFlags, community_run, prune_export
-from trainer.triage import Reference, TriagePolicy, triage_path
-from trainer.weights import torch_load
+from fixtures.community_run import Project, TrainerFlags, community_run, prune_export
+from trainer.ops.triage import Reference, TriagePolicy, triage_path
+from trainer.model.weights import torch_load
 
 FP16 = TrainerFlags(amp="float16")
 WEBUI = TrainerFlags(learning_rate=5e-5, weight_decay=1e-5, warmup_steps=4000, amp="float16")

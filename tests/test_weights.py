@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.config import gpt_config_from_dict
+from trainer.model.config import gpt_config_from_dict
 from trainer.errors import FidelError
-from trainer.layout_fixture import RELEASE_GPT, SMALL_CONDITIONING, layout_state_dict
-from trainer.synthetic import tiny_config_dict
-from trainer.weights import load_base_checkpoint, read_state_dict, same_bytes, torch_load, upstream_layout
+from fixtures.layout_fixture import RELEASE_GPT, SMALL_CONDITIONING, layout_state_dict
+from fixtures.synthetic import tiny_config_dict
+from trainer.model.weights import load_base_checkpoint, read_state_dict, same_bytes, torch_load, upstream_layout
 
 DATA = Path(__file__).parent / "data"
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -253,8 +253,8 @@ def test_fine_tuning_the_base_language_with_the_base_tokenizer_itself(tiny_proje
     import random as stdlib_random
 
     from flows.cli import main as fidel
-    from trainer.synthetic import ENGLISH_WORDS, sentences, write_pairs
-    from trainer.tokenizer import load_tokenizer
+    from fixtures.synthetic import ENGLISH_WORDS, sentences, write_pairs
+    from trainer.text.tokenizer import load_tokenizer
 
     p = tiny_project
     sp = load_tokenizer(p.base_tokenizer)
@@ -273,7 +273,7 @@ def test_fine_tuning_the_base_language_with_the_base_tokenizer_itself(tiny_proje
 
 
 def test_hashes_and_byte_comparisons_take_expanded_tensors():
-    from trainer.weights import tensor_sha256
+    from trainer.model.weights import tensor_sha256
 
     expanded = torch.tensor(0.5).expand(1).clone()  # size-1 dim, stride 0: "contiguous", yet no byte view
     assert expanded.stride() == (0,)

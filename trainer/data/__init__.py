@@ -1,0 +1,1 @@
+"""Training data: manifests, data checks, Parquet datasets, features and their preparation."""

@@ -1,0 +1,292 @@
+"""Audio to the features IndexTTS2 trains on, with upstream's own modules and math (indextts2-inference).
+
+- w2v-BERT 2.0 (`transformers` Wav2Vec2BertModel + SeamlessM4TFeatureExtractor): hidden state 17, normalised
+  with the checkpoint's wav2vec2bert_stats.pt (mean, sqrt(var)), as `IndexTTS2.get_emb`;
+- the MaskGCT semantic codec (RepCodec, `build_semantic_codec`) quantises it into 50 Hz codes;
+- the base gpt.pth's conformer + perceiver give the prompt conditioning [32, D] (`get_conditioning`) and the
+  emotion vector [D] (`get_emovec`).
+
+Batches are padded for w2v-BERT only: its attention is masked and its convolution causal, so the real frames of
+a clip do not see the padding. The codec and the conformers are not masked (non-causal convolutions, 2×
+subsampling), so each clip runs through them at its own length, the frames it has when run alone, exactly as
+upstream runs one prompt. That is the fix of the community's batched preprocessing, which kept the padded tail.
+
+Weights load from local paths only; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer.errors import FidelError
+from trainer.model.config import read_config_yaml, write_config_yaml
+from trainer.model.weights import first_line, read_state_dict, torch_load
+
+SAMPLE_RATE = 16000
+HIDDEN_LAYER = 17  # upstream's get_emb: hidden_states[17]
+FEATURE_DIM = 1024  # w2v-BERT 2.0 width; UnifiedVoice's conformers take exactly this
+CONDITIONING_PREFIXES = ("conditioning_encoder.", "perceiver_encoder.", "emo_conditioning_encoder.",
+                         "emo_perceiver_encoder.", "emovec_layer.", "emo_layer.")
+W2V_FILES = ("config.json", "preprocessor_config.json")
+
+
+# ----------------------------------------------------------------------------- audio
+
+@dataclass(frozen=True)
+class AudioLimits:
+    min_seconds: float = 0.5
+    max_seconds: float = 20.0
+    silence_dbfs: float = -60.0  # RMS below this: silent
+    max_clipped: float = 0.001  # share of samples at full scale above this: clipped
+
+
+def read_audio(path: Path, limits: AudioLimits) -> tuple[np.ndarray | None, tuple[str, str] | None]:
+    """(16 kHz mono float32, None) or (None, (problem, detail)): read with soundfile, downmixed, resampled."""
+    import soundfile
+    import torchaudio
+
+    if not path.is_file():
+        return None, ("missing_audio", f"{path} not found")
+    try:
+        samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except (RuntimeError, soundfile.LibsndfileError) as exc:
+        return None, ("unreadable_audio", f"{path.name}: {first_line(exc)}")
+    seconds = len(samples) / rate
+    if seconds < limits.min_seconds or seconds > limits.max_seconds:
+        return None, ("duration", f"{seconds:.2f} s, outside {limits.min_seconds}..{limits.max_seconds} s")
+    clipped = float((np.abs(samples) >= 0.999).mean())
+    if clipped > limits.max_clipped:
+        return None, ("clipped", f"{clipped:.2%} of samples at full scale (max {limits.max_clipped:.2%})")
+    mono = torch.from_numpy(samples.mean(axis=1))
+    if rate != SAMPLE_RATE:
+        mono = torchaudio.functional.resample(mono, rate, SAMPLE_RATE)
+    rms = float(mono.square().mean().sqrt())
+    dbfs = 20 * np.log10(max(rms, 1e-10))
+    if dbfs < limits.silence_dbfs:
+        return None, ("silent", f"RMS {dbfs:.1f} dBFS < {limits.silence_dbfs} dBFS")
+    return mono.numpy(), None
+
+
+# ----------------------------------------------------------------------------- the models
+
+@dataclass
+class ModelPaths:
+    """Where the real (or stand-in) weights are: nothing else is read."""
+
+    checkpoint_dir: Path  # IndexTTS2 folder: config.yaml, gpt.pth, wav2vec2bert_stats.pt
+    w2v_bert: Path  # facebook/w2v-bert-2.0 folder: config.json, preprocessor_config.json, model.safetensors
+    codec: Path  # amphion/MaskGCT semantic_codec/model.safetensors
+
+    def files(self) -> dict[str, Path]:
+        """Every file loaded; FidelError naming the first one missing."""
+        config = self.checkpoint_dir / "config.yaml"
+        if not self.checkpoint_dir.is_dir():
+            raise FidelError(self.checkpoint_dir, "IndexTTS2 checkpoint folder not found (config.yaml, gpt.pth, "
+                                                  "wav2vec2bert_stats.pt)")
+        raw = read_config_yaml(config)
+        files = {"config": config, "gpt": self.checkpoint_dir / raw.get("gpt_checkpoint", "gpt.pth"),
+                 "stats": self.checkpoint_dir / raw.get("w2v_stat", "wav2vec2bert_stats.pt")}
+        if not isinstance(raw.get("semantic_codec"), dict):
+            raise FidelError(config, "no `semantic_codec:` section: not an IndexTTS2 config.yaml")
+        if not self.w2v_bert.is_dir():
+            raise FidelError(self.w2v_bert, "w2v-BERT 2.0 folder not found (facebook/w2v-bert-2.0: config.json, "
+                                            "preprocessor_config.json, model.safetensors)")
+        files.update({name: self.w2v_bert / name for name in W2V_FILES})
+        weights = [self.w2v_bert / n for n in ("model.safetensors", "pytorch_model.bin")]
+        files["w2v_weights"] = next((w for w in weights if w.is_file()), weights[0])
+        files["codec"] = self.codec
+        for name, path in files.items():
+            if not path.is_file():
+                raise FidelError(path, f"not found ({name} file for fidel prepare)")
+        return files
+
+
+def require_upstream() -> None:
+    """fidel prepare runs upstream's own modules: say how to install them instead of an ImportError."""
+    try:
+        import indextts.gpt.model_v2  # noqa: F401
+        import indextts.utils.maskgct_utils  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        raise FidelError(None, f"fidel prepare needs indextts2-inference and transformers ({exc}): "
+                               "pip install -e '.[prepare]'") from None
+
+
+@dataclass
+class FeatureModels:
+    extractor: object  # SeamlessM4TFeatureExtractor
+    w2v: torch.nn.Module  # Wav2Vec2BertModel
+    mean: torch.Tensor
+    std: torch.Tensor
+    codec: torch.nn.Module  # RepCodec
+    gpt: torch.nn.Module  # upstream UnifiedVoice: only its conditioning modules are used
+    device: torch.device
+
+    @property
+    def model_dim(self) -> int:
+        return self.gpt.model_dim
+
+    @classmethod
+    def load(cls, paths: ModelPaths, device: torch.device) -> FeatureModels:
+        quiet_transformers()
+        files = paths.files()
+        raw = read_config_yaml(files["config"])
+        extractor, w2v = load_w2v_bert(paths.w2v_bert)
+        stats = torch_load(files["stats"])
+        if not isinstance(stats, dict) or not {"mean", "var"} <= set(stats):
+            raise FidelError(files["stats"], "not a w2v-BERT stats file (a dict with 'mean' and 'var')")
+        codec = load_codec(raw["semantic_codec"], files["codec"])
+        gpt = load_conditioning_gpt(raw["gpt"], files["gpt"])
+        return cls(extractor, w2v.to(device), stats["mean"].float().to(device),
+                   torch.sqrt(stats["var"].float()).to(device), codec.to(device), gpt.to(device), device)
+
+
+def quiet_transformers() -> None:
+    """No progress bars, and no warnings about GPT-2 token ids the conditioning path never uses."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def load_w2v_bert(folder: Path):
+    from transformers import SeamlessM4TFeatureExtractor, Wav2Vec2BertModel
+
+    try:
+        extractor = SeamlessM4TFeatureExtractor.from_pretrained(str(folder), local_files_only=True)
+        model = Wav2Vec2BertModel.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise FidelError(folder, f"not a loadable w2v-BERT 2.0 folder ({first_line(exc)})") from None
+    if model.config.hidden_size != FEATURE_DIM or model.config.num_hidden_layers < HIDDEN_LAYER:
+        raise FidelError(folder, f"w2v-BERT has width {model.config.hidden_size} and {model.config.num_hidden_layers} "
+                                 f"layers; IndexTTS2 reads layer {HIDDEN_LAYER} of a {FEATURE_DIM}-wide model")
+    return extractor, model.float().eval()  # fp32 as upstream runs it, whatever dtype the weights are stored in
+
+
+def load_codec(section: dict, path: Path) -> torch.nn.Module:
+    import safetensors.torch
+    from indextts.utils.maskgct_utils import build_semantic_codec
+    from omegaconf import OmegaConf
+
+    codec = build_semantic_codec(OmegaConf.create(section))
+    try:
+        safetensors.torch.load_model(codec, str(path))
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise FidelError(path, f"not the semantic codec of config.yaml's semantic_codec section ({first_line(exc)})"
+                         ) from None
+    return codec.eval()
+
+
+def load_conditioning_gpt(section: dict, path: Path) -> torch.nn.Module:
+    """Upstream UnifiedVoice with the base gpt.pth's conditioning modules loaded (the rest is never used)."""
+    from indextts.gpt.model_v2 import UnifiedVoice
+
+    try:
+        gpt = UnifiedVoice(**section)
+    except (TypeError, KeyError, ValueError) as exc:
+        raise FidelError(path.parent / "config.yaml", f"gpt section does not build UnifiedVoice ({first_line(exc)})"
+                         ) from None
+    state = read_state_dict(path)
+    wanted = [k for k in gpt.state_dict() if k.startswith(CONDITIONING_PREFIXES)]
+    missing = [k for k in wanted if k not in state]
+    if missing:
+        raise FidelError(path, f"lacks {len(missing)} conditioning tensor(s) (e.g. {missing[0]}): prepare needs the "
+                               "base IndexTTS2 gpt.pth with its conformers and perceivers")
+    try:
+        gpt.load_state_dict({k: state[k] for k in wanted}, strict=False)
+    except RuntimeError as exc:
+        raise FidelError(path, f"conditioning weights do not fit config.yaml's gpt section ({first_line(exc)})"
+                         ) from None
+    return gpt.eval()
+
+
+# ----------------------------------------------------------------------------- the math
+
+@dataclass
+class ClipFeatures:
+    codes: np.ndarray  # int64 [frames]
+    condition: np.ndarray  # float32 [32, D]
+    emo_vec: np.ndarray  # float32 [D]
+
+
+def semantic_embedding(models: FeatureModels, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """upstream IndexTTS2.get_emb: w2v-BERT hidden state 17, normalised."""
+    out = models.w2v(input_features=features, attention_mask=mask, output_hidden_states=True)
+    return (out.hidden_states[HIDDEN_LAYER] - models.mean) / models.std
+
+
+@torch.inference_mode()
+def clip_features(models: FeatureModels, waves: list[np.ndarray]) -> list[ClipFeatures]:
+    """Features of each 16 kHz clip; one padded w2v-BERT batch, then codec and conformers at each clip's length."""
+    alone = [models.extractor(w, sampling_rate=SAMPLE_RATE, return_tensors="pt") for w in waves]
+    frames = [x["input_features"].shape[1] for x in alone]  # upstream's frame count for the clip alone
+    pad = torch.nn.utils.rnn.pad_sequence
+    features = pad([x["input_features"][0] for x in alone], batch_first=True,
+                   padding_value=models.extractor.padding_value)
+    mask = pad([x["attention_mask"][0] for x in alone], batch_first=True)
+    embedding = semantic_embedding(models, features.to(models.device), mask.to(models.device))
+    out: list[ClipFeatures | None] = [None] * len(waves)
+    for n in sorted(set(frames)):  # clips of equal length share a batch: no padding there
+        rows = [i for i, f in enumerate(frames) if f == n]
+        for i, clip in zip(rows, own_length_features(models, embedding[rows, :n]), strict=True):
+            out[i] = clip
+    return out
+
+
+def own_length_features(models: FeatureModels, embedding: torch.Tensor) -> list[ClipFeatures]:
+    """Codes, conditioning and emotion vector of clips that all have embedding.shape[1] frames."""
+    lengths = torch.full((embedding.shape[0],), embedding.shape[1], device=embedding.device, dtype=torch.long)
+    codes, _ = models.codec.quantize(embedding)
+    codes = codes.reshape(embedding.shape[0], -1)
+    condition = models.gpt.get_conditioning(embedding.transpose(1, 2), lengths)
+    emo_vec = models.gpt.get_emovec(embedding, lengths)
+    return [ClipFeatures(c.cpu().numpy().astype(np.int64), k.float().cpu().numpy(), e.float().cpu().numpy())
+            for c, k, e in zip(codes, condition, emo_vec, strict=True)]
+
+
+# ----------------------------------------------------------------------------- stand-ins for tests and demos
+
+def tiny_gpt_section(model_dim: int, codebook: int, number_text_tokens: int = 100) -> dict:
+    """A small upstream UnifiedVoice (conformer_perceiver), built from the same classes as the real one."""
+    module = {"output_size": 32, "linear_units": 64, "attention_heads": 2, "num_blocks": 1, "input_layer": "conv2d2",
+              "perceiver_mult": 2}
+    return {"model_dim": model_dim, "layers": 1, "heads": 2, "max_text_tokens": 80, "max_mel_tokens": 300,
+            "max_conditioning_inputs": 1, "mel_length_compression": 1024, "number_text_tokens": number_text_tokens,
+            "number_mel_codes": codebook + 2, "start_mel_token": codebook, "stop_mel_token": codebook + 1,
+            "start_text_token": 0, "stop_text_token": 1, "train_solo_embeddings": False,
+            "use_mel_codes_as_input": True, "condition_type": "conformer_perceiver", "condition_module": module,
+            "emo_condition_module": dict(module)}
+
+
+def write_tiny_models(folder: Path, model_dim: int, codebook: int, seed: int = 0) -> ModelPaths:
+    """Random-weight stand-ins of the three real models, saved as the real ones are laid out."""
+    import safetensors.torch
+    from indextts.gpt.model_v2 import UnifiedVoice
+    from indextts.utils.maskgct_utils import build_semantic_codec
+    from omegaconf import OmegaConf
+    from transformers import SeamlessM4TFeatureExtractor, Wav2Vec2BertConfig, Wav2Vec2BertModel
+
+    quiet_transformers()
+    paths = ModelPaths(folder / "checkpoints", folder / "w2v-bert-2.0", folder / "semantic_codec.safetensors")
+    paths.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    w2v = Wav2Vec2BertModel(Wav2Vec2BertConfig(hidden_size=FEATURE_DIM, num_hidden_layers=HIDDEN_LAYER,
+                                               num_attention_heads=4, intermediate_size=64,
+                                               conv_depthwise_kernel_size=5))
+    w2v.save_pretrained(str(paths.w2v_bert))
+    SeamlessM4TFeatureExtractor().save_pretrained(str(paths.w2v_bert))
+    codec_section = {"codebook_size": codebook, "hidden_size": FEATURE_DIM, "codebook_dim": 8, "vocos_dim": 32,
+                     "vocos_intermediate_dim": 64, "vocos_num_layers": 1}
+    codec = build_semantic_codec(OmegaConf.create(codec_section))
+    safetensors.torch.save_model(codec, str(paths.codec))
+    gpt_section = tiny_gpt_section(model_dim, codebook)
+    torch.save(UnifiedVoice(**gpt_section).state_dict(), paths.checkpoint_dir / "gpt.pth")
+    torch.save({"mean": torch.randn(FEATURE_DIM) * 0.1, "var": torch.rand(FEATURE_DIM) + 0.5},
+               paths.checkpoint_dir / "wav2vec2bert_stats.pt")
+    write_config_yaml({"gpt": gpt_section, "semantic_codec": codec_section, "w2v_stat": "wav2vec2bert_stats.pt",
+                       "gpt_checkpoint": "gpt.pth", "version": "2.0"}, paths.checkpoint_dir / "config.yaml")
+    return paths

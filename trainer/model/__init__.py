@@ -1,0 +1,1 @@
+"""The GPT (UnifiedVoice) and its vocabulary: config, model, row surgery, weights in and out, transliteration."""

@@ -1,0 +1,1 @@
+"""Operations on runs: checkpoint triage, experimental resume, export, generation, evaluation gates."""

@@ -1,0 +1,1 @@
+"""Text: the normaliser and the extended sentencepiece tokenizer."""
