@@ -17,7 +17,7 @@ INPUTS = ("tokenizer", "base_tokenizer", "config", "base_checkpoint")
 
 @dataclass
 class RunSpec:
-    """The run file's settings, each defined once (trainer/options.py): run.yaml is checked against them."""
+    """The run file's settings, each defined once (trainer/training/options.py): run.yaml is checked against them."""
 
     train_manifests: list[str] = same_as(TrainConfig, "train_manifests")
     val_manifests: list[str] = same_as(TrainConfig, "val_manifests")

@@ -358,7 +358,7 @@ def device_problem(name: str) -> str | None:
 
 @dataclass
 class TrainConfig:
-    """What training uses (trainer/train.py). Paths are top-level run.yaml keys (tasks/spec.py RunSpec), the
+    """What training uses (trainer/training/). Paths are top-level run.yaml keys (tasks/spec.py RunSpec), the
     rest go under `train:`."""
 
     train_manifests: list[str] = option(
