@@ -74,7 +74,7 @@ AUDIO_THREADS = 4
 
 @dataclass
 class PrepareSettings:
-    """The `prepare:` section of run.yaml and the flags of `fidel prepare`, defined once (trainer/options.py)."""
+    """The `prepare:` section of run.yaml and the flags of `fidel prepare`, defined once (trainer/training/options.py)."""
 
     checkpoint_dir: str = option(help="the IndexTTS2 checkpoint folder: config.yaml, gpt.pth (its conformers and "
                                       "perceivers give the conditioning), wav2vec2bert_stats.pt")
