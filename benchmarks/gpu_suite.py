@@ -308,7 +308,7 @@ def checkpoint_stall(plan: Plan, device, dtype, deadline: float) -> dict:
 
 
 def gpu_test_files() -> list[str]:
-    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")
                   if "pytest.mark.gpu" in p.read_text(encoding="utf-8"))
 
 

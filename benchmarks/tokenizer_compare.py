@@ -7,7 +7,7 @@ community: train a BPE sentencepiece model on the corpus and append its pieces i
 Corpus: every word of `aspell -d am dump master` three times (bare, with a prefix clitic, with a suffix clitic),
 nine words a sentence. Held-out: the same words with prefix and suffix together, a form the corpus never shows.
 
-Run: .venv/bin/python benchmarks/tokenizer_compare.py [--base ../shared/reference/bpe.model] [--size 24000]
+Run: .venv/bin/python benchmarks/tokenizer_compare.py [--base tests/data/bpe.model] [--size 24000]
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def measure(model_path: Path, base_size: int, texts: list[str]) -> dict:
 
 
 def main() -> int:
-    default_base = Path(__file__).resolve().parents[2] / "shared/reference/bpe.model"
+    default_base = Path(__file__).resolve().parents[1] / "tests" / "data" / "bpe.model"
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", type=Path, default=default_base)
     parser.add_argument("--size", type=int, default=24000)

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
-
 
 def pytest_collection_modifyitems(config, items):
     """`gpu` tests skip where CUDA is not available."""
@@ -43,7 +41,7 @@ def isolated_prefect(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_project_template(tmp_path_factory):
-    from trainer.synthetic import make_tiny_project
+    from fixtures.synthetic import make_tiny_project
 
     return make_tiny_project(tmp_path_factory.mktemp("tiny") / "project")
 
@@ -86,7 +84,7 @@ def make_train_config():
 
 
 def tiny_train_config(project, output_dir, **overrides):
-    from trainer.train import TrainConfig
+    from trainer.training.options import TrainConfig
 
     settings = dict(train_manifests=[str(project.train_manifest)], val_manifests=[str(project.val_manifest)],
                     tokenizer=str(project.tokenizer), config=str(project.base_config), output_dir=str(output_dir),

@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +14,12 @@ import torch
 
 from trainer.model.config import gpt_config_from_dict
 from trainer.errors import FidelError
+from trainer.hashing import file_sha256
 from fixtures.layout_fixture import RELEASE_GPT, SMALL_CONDITIONING, layout_state_dict
 from fixtures.synthetic import tiny_config_dict
 from trainer.model.weights import load_base_checkpoint, read_state_dict, same_bytes, torch_load, upstream_layout
 
-DATA = Path(__file__).parent / "data"
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 def small_gpt(tokens: int = 50) -> dict:
@@ -92,11 +93,10 @@ def test_layout_from_config_is_the_reference_key_list():
                                                               "text_head.bias"]
 
 
-def test_vendored_reference_is_the_shared_one():
-    shared = REFERENCE / "indextts2_gpt_state_dict.json"
-    if not shared.is_file():
-        pytest.skip(f"no shared reference at {shared}")
-    assert (DATA / "indextts2_gpt_state_dict.json").read_bytes() == shared.read_bytes()
+def test_vendored_assets_match_their_recorded_sha256():
+    recorded = dict(re.findall(r"^\| `([^`]+)` \| `([0-9a-f]{64})` \|", (DATA / "README.md").read_text(), re.M))
+    assert set(recorded) == {"bpe.model", "indextts2_gpt_state_dict.json"}
+    assert {name: file_sha256(DATA / name) for name in recorded} == recorded
 
 
 @pytest.mark.parametrize("kind", ["plain", "amv2_model_step", "amv2_latest", "jarodmica_latest",

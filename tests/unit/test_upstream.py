@@ -9,7 +9,7 @@
   generate (transformers 5, no cache reaches the model) against decode="training", and the KV-cache greedy loop
   that index-tts runs under its transformers 4.x against fidel's default decode="indextts2".
 
-`pytest -s tests/test_upstream.py` prints the max-abs-diff figures and the codes.
+`pytest -s tests/unit/test_upstream.py` prints the max-abs-diff figures and the codes.
 """
 
 from __future__ import annotations

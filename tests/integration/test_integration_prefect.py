@@ -26,7 +26,7 @@ from trainer.training.checkpoint import NAME, latest_valid_checkpoint
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).parent / "prefect")
 POOL = "fidel-process"
 STEPS, SAVE_EVERY, KILL_AFTER = 60, 10, 20

@@ -26,7 +26,7 @@ from trainer.model.weights import (
     upstream_layout,
 )
 
-REFERENCE_KEYS = Path(__file__).parent / "data" / "indextts2_gpt_state_dict.json"
+REFERENCE_KEYS = Path(__file__).resolve().parents[1] / "data" / "indextts2_gpt_state_dict.json"
 
 
 def reference_layout(text_rows: int) -> list[tuple[str, tuple[int, ...]]]:

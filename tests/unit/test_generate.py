@@ -1,6 +1,6 @@
 """Greedy decoding with a KV cache equals recomputing the whole sequence, and stops on the stop code; the
 "training" decode matches the training forward, the default "indextts2" decode lays codes out as IndexTTS2's
-inference does (tests/test_upstream.py runs upstream itself)."""
+inference does (tests/unit/test_upstream.py runs upstream itself)."""
 
 from __future__ import annotations
 

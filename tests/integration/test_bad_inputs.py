@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FIDEL = [sys.executable, "-m", "flows.cli"]
 TINY_STEPS = 4
 

@@ -64,7 +64,7 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tiny_project, ma
 
 # ----------------------------------------------------------------------------- two machines (c10d rendezvous)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def node_argv(project, out: Path, port: int, node_rank: int, *extra: str) -> list[str]:

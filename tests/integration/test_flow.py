@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from tasks.lineage import ATTEMPTS_FILE, Attempt, CrashLoop, read_attempts, read_finished, record_attempt
 from tasks.lock import LOCK_FILE, AlreadyRunning, OutputDirLock
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_the_lock_is_exclusive_and_says_who_holds_it(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_suite.py"
 
 
@@ -75,7 +75,7 @@ def test_dry_run_measures_every_item_on_the_cpu(tmp_path):
                for k in ("blocked_s_median", "blocked_s_max", "write_s_median"))
 
     tests = items["pytest_gpu"]
-    assert "tests/test_train.py" in tests["files"] and tests["returncode"] == 0
+    assert "tests/unit/test_train.py" in tests["files"] and tests["returncode"] == 0
     assert tests["counts"].get("skipped", 0) + tests["counts"].get("passed", 0) > 0
 
     assert "goal" in done.stdout and "fidel ÷ baseline" in done.stdout and "pytest -m gpu:" in done.stdout
