@@ -198,7 +198,7 @@ def import_community_checkpoint(raw: dict, tc: TrainConfig, source: str, note: d
     scheduler = make_scheduler(optimizer, tc, schedule_total)
     optimizer.load_state_dict(imported_optimizer_state(model, optimizer, raw, setup.base_rows))
     # the trainer's own checkpoint layout: what it saves is what it restores when training resumes from here
-    checkpointer = Checkpointer(tc, Dist(), cpu, TrainHooks(), model, optimizer, scheduler,
+    checkpointer = Checkpointer(tc, Dist(), cpu, model, optimizer, scheduler,
                                 torch.amp.GradScaler("cpu", enabled=False), lineage, tc.max_steps)
     at = Position(step)
     sidecar = checkpointer.sidecar("imported", at, [], base_intact=True)

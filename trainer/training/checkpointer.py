@@ -9,6 +9,7 @@ always stays), the metrics logged since the previous save are committed with it,
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +42,6 @@ class Checkpointer:
     tc: TrainConfig
     env: Dist
     device: torch.device
-    hooks: object  # TrainHooks: on_commit and on_checkpoint
     model: UnifiedVoiceGPT
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -49,6 +49,8 @@ class Checkpointer:
     lineage: dict
     total_steps: int
     last_saved: Path | None = None
+    on_commit: Callable[[list[tuple[int, dict]]], None] = lambda rows: None  # TrainHooks'
+    on_checkpoint: Callable[[Path, dict], None] = lambda path, sidecar: None
     pending: list[tuple[int, dict]] = field(default_factory=list)  # metrics not yet committed with a checkpoint
 
     def __post_init__(self):
@@ -119,8 +121,8 @@ class Checkpointer:
     def durable(self, saved: Saved, rows: list[tuple[int, dict]], keep: set[Path]) -> None:
         """Runs on the loop's thread once the write is on disk: the metrics commit with it."""
         prune_checkpoints(self.out, self.tc.keep_last, keep)
-        self.hooks.on_commit(rows)
-        self.hooks.on_checkpoint(saved.path, saved.sidecar)
+        self.on_commit(rows)
+        self.on_checkpoint(saved.path, saved.sidecar)
         self.last_saved = saved.path
 
     def poll(self) -> None:
@@ -129,4 +131,4 @@ class Checkpointer:
     def commit_unsaved(self) -> None:
         """A failed run keeps the evidence of its failure, though no checkpoint of its broken state is written."""
         if self.pending:
-            self.hooks.on_commit(list(self.pending))
+            self.on_commit(list(self.pending))

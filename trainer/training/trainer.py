@@ -108,8 +108,9 @@ class Trainer:
         resume_path = self.check_and_build()
         saved = self.load(resume_path)
         self.build_optimizer()
-        self.checkpointer = Checkpointer(self.tc, self.env, self.device, self.hooks, self.model, self.optimizer,
-                                         self.scheduler, self.scaler, self.lineage, self.total_steps, resume_path)
+        self.checkpointer = Checkpointer(self.tc, self.env, self.device, self.model, self.optimizer, self.scheduler,
+                                         self.scaler, self.lineage, self.total_steps, resume_path,
+                                         self.hooks.on_commit, self.hooks.on_checkpoint)
         restored = self.restore(saved)
         del saved
         self.hooks.on_start(self.start_info())

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from trainer.data.loader import TrainingData
 from trainer.model.gpt import UnifiedVoiceGPT
 from trainer.training.checkpoint import checkpoint_path
 from trainer.training.distributed import Dist, any_rank
@@ -27,7 +28,7 @@ class Validator:
     device: torch.device
     dtype: torch.dtype | None
     model: UnifiedVoiceGPT
-    data: object  # TrainingData: val_set and val_batches
+    data: TrainingData
     every: int
     total_steps: int
     on_validation: Callable[[int, dict, list[dict], UnifiedVoiceGPT], str | None]
