@@ -36,6 +36,7 @@ def without_option(argv: list[str], name: str) -> list[str]:
 
 
 def cmd_train(args) -> int:
+    from trainer.ops.experimental import community_resume
     from trainer.training.trainer import TrainHooks, train
 
     tc = TrainConfig(**from_args(TrainConfig, args))
@@ -70,7 +71,8 @@ def cmd_train(args) -> int:
         on_claim=claim,
         on_progress=lambda step, total, metrics: print(f"step {step}/{total}: {line(metrics)}", flush=True),
         on_commit=show_validation,
-        on_checkpoint=lambda path, sidecar: print(f"saved {path} (step {sidecar['step']})", flush=True))
+        on_checkpoint=lambda path, sidecar: print(f"saved {path} (step {sidecar['step']})", flush=True),
+        on_foreign_resume=community_resume)
     try:
         result = train(tc, hooks)
     finally:

@@ -38,12 +38,7 @@ from trainer.model.weights import model_base_rows_hash, read_state_dict, torch_l
 from trainer.ops.gates import GateConfig, validation_hook
 from trainer.ops.triage import Reference, optimizer_param_names, triage_path
 from trainer.training.build import build_model, lineage_of, resolve_resume
-from trainer.training.checkpoint import (
-    NAME,
-    atomic_write_bytes,
-    save_checkpoint,
-    sidecar_path,
-)
+from trainer.training.checkpoint import atomic_write_bytes, save_checkpoint
 from trainer.training.checkpointer import Checkpointer
 from trainer.training.distributed import Dist
 from trainer.training.optim import make_optimizer, make_scheduler, param_groups
@@ -260,11 +255,6 @@ def experimental_resume(checkpoint: str | Path, tc: TrainConfig, text_loss_thres
 
 NEXT_STEP = {"fresh": "; drop --resume to start fresh from the base",
              "experimental": "; `fidel experimental-resume` runs it behind the text-loss gate"}
-
-
-def is_community_file(path: Path) -> bool:
-    """Not a fidel checkpoint (ckpt-stepNNNNNNNN.pt, or a file with fidel's sidecar JSON): a community trainer's."""
-    return not NAME.match(path.name) and not sidecar_path(path).is_file()
 
 
 def community_resume(tc: TrainConfig, path: Path, log: Callable[[str], None]) -> Path:

@@ -20,7 +20,7 @@ from trainer.model.gpt import UnifiedVoiceGPT
 from trainer.model.vocab import InitRecord, extended_model
 from trainer.model.weights import base_checkpoint_rows_hash, load_base_checkpoint, model_base_rows_hash
 from trainer.text.tokenizer import check_base_pieces, load_model_proto, load_tokenizer
-from trainer.training.checkpoint import latest_valid_checkpoint, verify_checkpoint
+from trainer.training.checkpoint import is_fidel_checkpoint, latest_valid_checkpoint, verify_checkpoint
 from trainer.training.distributed import Dist, any_rank, from_rank0
 from trainer.training.options import TrainConfig
 
@@ -76,7 +76,13 @@ def build_model(tc: TrainConfig) -> Setup:
     return Setup(cfg, model, base_rows, base_hash, init)
 
 
-def resolve_resume(tc: TrainConfig, warn: Callable[[str], None] = lambda message: None) -> Path | None:
+ForeignResume = Callable[[TrainConfig, Path, Callable[[str], None]], Path]
+
+
+def resolve_resume(tc: TrainConfig, warn: Callable[[str], None] = lambda message: None,
+                   on_foreign: ForeignResume | None = None) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run. on_foreign turns another trainer's checkpoint
+    into a fidel one to resume from (fidel train: triaged and imported once); without it such a file is refused."""
     out = Path(tc.output_dir)
     if tc.resume is None:
         newest, _ = latest_valid_checkpoint(out)
@@ -92,19 +98,17 @@ def resolve_resume(tc: TrainConfig, warn: Callable[[str], None] = lambda message
     path = Path(tc.resume)
     if not path.is_file():
         raise FidelError(path, "--resume: checkpoint not found" if not path.exists() else "--resume: not a file")
-    from trainer.ops.experimental import community_resume, is_community_file  # it builds on this module
-
-    if is_community_file(path):  # triaged, then imported once into the output dir (rank 0 only: from_rank0)
-        return community_resume(tc, path, warn)
+    if on_foreign is not None and not is_fidel_checkpoint(path):  # rank 0 only (from_rank0): imported once
+        return on_foreign(tc, path, warn)
     verify_checkpoint(path)  # before any work, not after the model is built
     return path
 
 
-def resume_on_every_rank(tc: TrainConfig, env: Dist, device: torch.device,
-                         warn: Callable[[str], None]) -> Path | None:
+def resume_on_every_rank(tc: TrainConfig, env: Dist, device: torch.device, warn: Callable[[str], None],
+                         on_foreign: ForeignResume | None = None) -> Path | None:
     """Rank 0 decides fresh or resume (and from which checkpoint); every rank loads that file, so the output dir
     must be one folder that every machine sees."""
-    resume_path = from_rank0(lambda: resolve_resume(tc, warn), env)
+    resume_path = from_rank0(lambda: resolve_resume(tc, warn, on_foreign), env)
     if any_rank(resume_path is not None and not resume_path.is_file(), env, device):
         raise FidelError(resume_path, "rank 0 resumes from it but another rank cannot read it: --output-dir must be "
                                       "a folder every machine shares")

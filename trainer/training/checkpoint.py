@@ -1,7 +1,7 @@
 """fidel checkpoints: atomic writes, a sidecar JSON that says what is inside, verified loads.
 
 A checkpoint holds the trainable state only. Frozen base rows and pass-through tensors stay in the
-base checkpoint and are referenced by their hash (design.md §4).
+base checkpoint and are referenced by their hash (docs/design.md §4).
 """
 
 from __future__ import annotations
@@ -138,6 +138,11 @@ def save_checkpoint(folder: Path, step: int, state: dict, sidecar: dict) -> Save
         raise FidelError(exc.path, f"{exc.problem}: checkpoint of step {step} not saved; newest valid checkpoint "
                                    f"{newest.name if newest else '(none)'} is intact") from None
     return Saved(path, meta)
+
+
+def is_fidel_checkpoint(path: Path) -> bool:
+    """Named ckpt-stepNNNNNNNN.pt, or with fidel's sidecar JSON; anything else is another trainer's file."""
+    return bool(NAME.match(path.name)) or sidecar_path(path).is_file()
 
 
 def list_checkpoints(folder: Path) -> list[Path]:

@@ -340,8 +340,8 @@ def range_text(kind, meta: dict) -> str:
 # ---- the options
 
 
-INIT_METHODS = ("subtoken", "mean", "random")  # trainer/vocab.py
-FREEZE_MODES = ("split", "hooks")  # trainer/model.py
+INIT_METHODS = ("subtoken", "mean", "random")  # trainer/model/vocab.py
+FREEZE_MODES = ("split", "hooks")  # trainer/model/gpt.py
 
 
 def device_problem(name: str) -> str | None:

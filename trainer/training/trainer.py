@@ -24,6 +24,7 @@ from trainer.model.gpt import UnifiedVoiceGPT
 from trainer.model.weights import model_base_rows_hash
 from trainer.text.tokenizer import load_tokenizer
 from trainer.training.build import (
+    ForeignResume,
     apply_batch_change,
     build_model,
     check_base_tokenizer,
@@ -67,6 +68,9 @@ class TrainHooks:
     on_checkpoint: Callable[[Path, dict], None] = lambda path, sidecar: None
     on_progress: Callable[[int, int, dict], None] = lambda step, total, metrics: None
     on_warning: Callable[[str], None] = lambda message: print(f"warning: {message}", file=sys.stderr)
+    # --resume FILE of another trainer's checkpoint: the fidel checkpoint to resume from instead (fidel train
+    # passes the community import, trainer.ops.experimental.community_resume); None refuses such a file
+    on_foreign_resume: ForeignResume | None = None
     # evaluation gates at each validation: return a reason to stop (training saves and ends "failed"), or None
     on_validation: Callable[[int, dict, list[dict], UnifiedVoiceGPT], str | None] = \
         lambda step, metrics, history, model: None
@@ -134,7 +138,7 @@ class Trainer:
         """Every check that can refuse the run, before anything is written; then the model on its device."""
         tc, env = self.tc, self.env
         check_output_dir(self.out)
-        resume_path = resume_on_every_rank(tc, env, self.device, self.hooks.on_warning)
+        resume_path = resume_on_every_rank(tc, env, self.device, self.hooks.on_warning, self.hooks.on_foreign_resume)
         check_base_tokenizer(tc)
         cfg = load_gpt_config(tc.config).with_text_tokens(load_tokenizer(tc.tokenizer).get_piece_size())
         # the Parquet dataset of `fidel data build` (its tokenizer must be this run's) or paired JSONL manifests
