@@ -1,4 +1,4 @@
-"""The bad-input suite as a table: for each case of tests/test_bad_inputs.py (and, with --faults, the real
+"""The bad-input suite as a table: for each case of tests/integration/test_bad_inputs.py (and, with --faults, the real
 faults: SIGKILL, SIGTERM, a second process), the exit code, fidel's last stderr line, whether a traceback
 showed, and whether any file that existed before changed; then the counts.
 
@@ -19,9 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import pytest  # noqa: E402  (a case that cannot mount a tmpfs calls pytest.skip)
-from test_bad_inputs import CASES, FAULTS, build_template, new_workspace, run_case, train_template  # noqa: E402
-
 from fixtures.synthetic import make_tiny_project  # noqa: E402
+from test_bad_inputs import CASES, FAULTS, build_template, new_workspace, run_case, train_template  # noqa: E402
 
 
 def verdict(outcome, code: int, expect: str) -> str:

@@ -1,7 +1,7 @@
 """What the weight-decay shrink of a fixed community run does to the loss: base rows as the run left them vs
 restored to the base (what fidel does when it imports such a run).
 
-A community run with the hooks and AdamW's default weight decay (trainer/community_run.py: the AmV2 step, lr 2e-5,
+A community run with the hooks and AdamW's default weight decay (tests/fixtures/community_run.py: the AmV2 step, lr 2e-5,
 wd 0.01, cosine with 1000 warmup steps) is made on the tiny generated project at the guide's step counts. For each,
 the validation text and mel losses are computed twice on the same weights: once with base rows 0..B-1 of
 text_embedding / text_head as saved, once with them restored from the base.
@@ -19,16 +19,16 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
 
 import torch  # noqa: E402
-
 from fixtures.community_run import Project, community_run  # noqa: E402
-from trainer.model.config import load_gpt_config  # noqa: E402
-from trainer.data.loader import training_data  # noqa: E402
-from trainer.training.distributed import Dist  # noqa: E402
-from trainer.model.gpt import SPLIT_KEYS, UnifiedVoiceGPT, load_upstream_state_dict  # noqa: E402
 from fixtures.synthetic import make_tiny_project  # noqa: E402
-from trainer.text.tokenizer import load_tokenizer  # noqa: E402
-from trainer.training.metrics import evaluate  # noqa: E402
+
+from trainer.data.loader import training_data  # noqa: E402
+from trainer.model.config import load_gpt_config  # noqa: E402
+from trainer.model.gpt import SPLIT_KEYS, UnifiedVoiceGPT, load_upstream_state_dict  # noqa: E402
 from trainer.model.weights import read_state_dict, torch_load  # noqa: E402
+from trainer.text.tokenizer import load_tokenizer  # noqa: E402
+from trainer.training.distributed import Dist  # noqa: E402
+from trainer.training.metrics import evaluate  # noqa: E402
 
 
 def val_losses(project, state: dict) -> tuple[float, float]:

@@ -4,9 +4,9 @@
 
 The model is `fidel demo`'s base shape (dim 128, 4 layers, 4 heads; 400 base + 700 new text pieces, 256
 codes) or the full IndexTTS2 GPT (dim 1280, 24 layers, 24001 text rows, 8194 codes; for a GPU). The state is
-what `trainer.training.trainer` saves: trainable tensors, AdamW state after real steps, scheduler, RNG, lineage. Saves
-alternate between the synchronous writer and the background one, with training steps between them so the
-background write competes with training as it does in a run. Blocked time is the loop's time inside the save
+what the training loop (`trainer.training.checkpointer`) saves: trainable tensors, AdamW state after real steps,
+scheduler, RNG, lineage. Saves alternate between the synchronous writer and the background one, with training
+steps between them so the background write competes with training as it does in a run. Blocked time is the loop's time inside the save
 call; for the background writer that is the snapshot to CPU memory (plus any wait for a previous write).
 """
 
@@ -23,12 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.training.writer import AsyncCheckpointWriter  # noqa: E402
-from trainer.training.checkpoint import rng_state  # noqa: E402
 from trainer.model.config import GPTConfig  # noqa: E402
 from trainer.model.gpt import Batch, UnifiedVoiceGPT  # noqa: E402
-from trainer.training.optim import make_optimizer, param_groups  # noqa: E402
 from trainer.training.build import trainable_state  # noqa: E402
+from trainer.training.checkpoint import rng_state  # noqa: E402
+from trainer.training.optim import make_optimizer, param_groups  # noqa: E402
+from trainer.training.writer import AsyncCheckpointWriter  # noqa: E402
 
 SIZES = {  # dim, layers, heads, base text rows, text tokens, codebook
     "demo": (128, 4, 4, 401, 1100, 256),

@@ -29,10 +29,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from trainer.model.config import write_config_yaml  # noqa: E402
+from fixtures.synthetic import AMHARIC_WORDS, make_tiny_project, tiny_config_dict  # noqa: E402
+
 from trainer.data.manifest import BucketBatchSampler, Example, PairDataset, collate, read_manifest  # noqa: E402
 from trainer.data.parquet import ParquetPairs  # noqa: E402
-from fixtures.synthetic import AMHARIC_WORDS, make_tiny_project, tiny_config_dict  # noqa: E402
+from trainer.model.config import write_config_yaml  # noqa: E402
 from trainer.text.tokenizer import encode, load_tokenizer  # noqa: E402
 
 SPEAKERS = 250

@@ -1,6 +1,6 @@
 """How fast each new-row init reaches a fixed validation text loss on the demo corpus.
 
-The demo (flows/demo.py) gives an English base model, its tokenizer, and an Amharic tokenizer extended from it,
+The demo (flows/demo/flow.py) gives an English base model, its tokenizer, and an Amharic tokenizer extended from it,
 with espeak-ng Amharic speech as training data. Each init (`mean`, `subtoken`, `random`) fine-tunes from the
 same base with the same seed, data order, steps and learning rates; validation runs every --eval-every steps.
 Printed: the validation text loss curve and the steps each init needs to reach --threshold, and the ratio

@@ -23,8 +23,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from trainer.training.checkpoint import latest_valid_checkpoint, list_checkpoints, load_checkpoint  # noqa: E402
 from fixtures.synthetic import make_tiny_project  # noqa: E402
+
+from trainer.training.checkpoint import latest_valid_checkpoint, list_checkpoints, load_checkpoint  # noqa: E402
 
 STEPS, SAVE_EVERY = 200, 4
 STEP_LINE = re.compile(r"^step (\d+)/")

@@ -32,8 +32,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         os.environ["PREFECT_HOME"] = str(tmp / "prefect")
-        from flows.finetune import finetune
         from fixtures.synthetic import make_tiny_project
+
+        from flows.finetune import finetune
         from trainer.training.options import TrainConfig
         from trainer.training.trainer import train
 

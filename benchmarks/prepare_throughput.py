@@ -1,6 +1,6 @@
 """Throughput of `fidel prepare`'s feature path: clips per second in length-sorted batches against one clip at a
-time, in one run, on espeak-ng audio of the demo corpus (trainer/demo_corpus.py) with the random-weight stand-ins
-of the three models (trainer/features.py write_tiny_models: w2v-BERT 2.0's 17 layers at width 1024 with small
+time, in one run, on espeak-ng audio of the demo corpus (flows/demo/corpus.py) with the random-weight stand-ins
+of the three models (trainer/data/features.py write_tiny_models: w2v-BERT 2.0's 17 layers at width 1024 with small
 feed-forwards, a one-layer RepCodec, a small UnifiedVoice's conformers and perceivers).
 
 Both passes run trainer.data.features.clip_features; batched and one-at-a-time give the same codes (tested), so the

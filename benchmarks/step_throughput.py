@@ -48,12 +48,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.model.config import GPTConfig  # noqa: E402
 from trainer.data.manifest import BucketBatchSampler, Example, collate, padding_efficiency, random_batches  # noqa: E402
-from trainer.training.distributed import Dist  # noqa: E402
+from trainer.model.config import GPTConfig  # noqa: E402
 from trainer.model.gpt import Batch, UnifiedVoiceGPT, valid_mask  # noqa: E402
-from trainer.training.optim import make_optimizer, param_groups  # noqa: E402
+from trainer.training.distributed import Dist  # noqa: E402
 from trainer.training.metrics import MetricWindow, NonFiniteWatch  # noqa: E402
+from trainer.training.optim import make_optimizer, param_groups  # noqa: E402
 from trainer.training.options import TrainConfig  # noqa: E402
 from trainer.training.step import LossModel, accumulate, optimizer_step, skips_on_device  # noqa: E402
 

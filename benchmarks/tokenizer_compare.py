@@ -1,6 +1,6 @@
 """Compare fidel's tokenizer extension with the community recipe on the same Amharic corpus.
 
-fidel: script characters + unigram pieces with log-prob scores appended to the official base (trainer/tokenizer.py).
+fidel: script characters + unigram pieces with log-prob scores appended to the official base (trainer/text/tokenizer.py).
 community: train a BPE sentencepiece model on the corpus and append its pieces in order, with their BPE scores
 (-rank), skipping pieces the base has and never adding single Ethiopic characters.
 

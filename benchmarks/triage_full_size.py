@@ -2,7 +2,7 @@
 
 Writes, under --root: the full-size layout fixture's gpt.pth (12001 text rows, 3.5 GB) and a community
 `model_step25000.pth` extended to 24001 rows with AmV2's optimizer state (exp_avg and exp_avg_sq for the 301
-parameters that get a gradient, reference/amv2_checkpoint_format.md §2): base rows shrunk as 25k steps of decay
+parameters that get a gradient, docs/design.md §8): base rows shrunk as 25k steps of decay
 leave them, moments zero on base rows. Then runs `fidel triage CKPT --base gpt.pth` under `/usr/bin/time -v`,
 prints its decision, peak RSS and wall time, and deletes both files (unless --keep).
 
@@ -21,11 +21,11 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
 
 import torch  # noqa: E402
-
 from fixtures.layout_fixture import RELEASE_GPT, write_layout_fixture  # noqa: E402
+
 from trainer.model.gpt import SPLIT_KEYS  # noqa: E402
-from trainer.ops.triage import BUFFER_SUFFIXES  # noqa: E402
 from trainer.model.weights import read_state_dict  # noqa: E402
+from trainer.ops.triage import BUFFER_SUFFIXES  # noqa: E402
 
 NEW_ROWS = 12000
 STEP = 25000

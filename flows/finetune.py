@@ -3,7 +3,7 @@
 With a `prepare:` section in run.yaml the first stage is `prepare` (tasks/prepare.py): features from audio, then
 the same checks and dataset.
 
-Idempotent, so a scheduled deployment can re-run it at any time (design.md §7):
+Idempotent, so a scheduled deployment can re-run it at any time (docs/design.md §7):
 - an OS file lock on the output dir: a second run exits Completed at once, "already running (pid, host)";
 - a finished lineage (export present, gates passed) is a no-op;
 - otherwise it triages the checkpoints and resumes, counting resumes so that a crash loop stops.

@@ -38,7 +38,7 @@ from trainer.ops.gates import (
 )
 from trainer.ops.generate import DEFAULT_DECODE, decode_validation, trained_model
 from trainer.training.build import build_model
-from trainer.training.trainer import TrainResult
+from trainer.training.hooks import TrainResult
 
 RenderAudio = Callable[[list[int], Path], None]  # writes the codes as a listenable .wav at the path
 

@@ -1,5 +1,5 @@
 """Optional first stage (a `prepare:` section in run.yaml): audio + transcripts → features → the checked Parquet
-dataset in output_dir/data (trainer/prepare.py). It takes the place of the data-checks stage, whose checks it
+dataset in output_dir/data (trainer/data/prepare.py). It takes the place of the data-checks stage, whose checks it
 runs on the pairs it builds."""
 
 from __future__ import annotations

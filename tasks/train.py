@@ -20,8 +20,9 @@ from trainer.ops.experimental import continue_community
 from trainer.ops.gates import GateConfig, validation_hook
 from trainer.training.checkpoint import latest_valid_checkpoint, read_sidecar
 from trainer.training.distributed import launch_function
+from trainer.training.hooks import TrainHooks, TrainResult
 from trainer.training.progress import Progress
-from trainer.training.trainer import TrainHooks, TrainResult, train
+from trainer.training.trainer import train
 
 PROGRESS_UPDATE_S = 10.0
 

@@ -1,6 +1,6 @@
 """`fidel data check`, `fidel data build`, `fidel data pair` and `fidel prepare`.
 
-flows/cli.py calls add_commands(sub) with the object returned by ArgumentParser().add_subparsers().
+flows/cli/__init__.py calls add_commands(sub) with the object returned by ArgumentParser().add_subparsers().
 Exit codes: 0 passed, 1 the checks found a fatal problem, 2 a bad input (one line naming the file).
 """
 

@@ -1,6 +1,6 @@
 """`fidel tokenizer extend`, `fidel tokenizer verify` and `fidel text normalize`.
 
-flows/cli.py calls add_commands(sub) with the object returned by ArgumentParser().add_subparsers().
+flows/cli/__init__.py calls add_commands(sub) with the object returned by ArgumentParser().add_subparsers().
 Each command returns an exit code: 0 all passed, 1 a verification line failed, 2 a bad input.
 """
 

@@ -37,7 +37,8 @@ def without_option(argv: list[str], name: str) -> list[str]:
 
 def cmd_train(args) -> int:
     from trainer.ops.experimental import community_resume
-    from trainer.training.trainer import TrainHooks, train
+    from trainer.training.hooks import TrainHooks
+    from trainer.training.trainer import train
 
     tc = TrainConfig(**from_args(TrainConfig, args))
     launch = LaunchOptions(**from_args(LaunchOptions, args))

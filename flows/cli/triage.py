@@ -45,7 +45,7 @@ def cmd_triage(args) -> int:
 def cmd_experimental_resume(args) -> int:
     from tasks.gates import gate_tagger
     from trainer.ops.experimental import experimental_resume
-    from trainer.training.trainer import TrainHooks
+    from trainer.training.hooks import TrainHooks
 
     tc = TrainConfig(**from_args(TrainConfig, args))
     tracker = None

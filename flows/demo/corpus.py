@@ -1,7 +1,7 @@
 """A small synthetic two-language corpus (Amharic + English) for demos and tests, with no downloads.
 
 Sentences come from installed word lists (aspell-am, wamerican), audio from espeak-ng with several
-voice variants as "speakers", and features from the demo codec (trainer/demo_codec.py). The output is
+voice variants as "speakers", and features from the demo codec (flows/demo/codec.py). The output is
 the community trainers' paired-manifest format, so the real data checks and training path run on it.
 """
 

@@ -22,9 +22,10 @@ from trainer.errors import EXIT_PREEMPTED, FidelError
 from trainer.model.config import write_config_yaml
 from trainer.ops.export import export_model, read_export_record
 from trainer.text.tokenizer import encode, extend_tokenizer, load_tokenizer, train_base_tokenizer
+from trainer.training.hooks import TrainHooks
 from trainer.training.options import TrainConfig
 from trainer.training.progress import Progress
-from trainer.training.trainer import TrainHooks, train
+from trainer.training.trainer import train
 
 
 @dataclass

@@ -8,9 +8,9 @@ from markdown_it import MarkdownIt
 from mlflow import MlflowClient
 
 from tasks.report import lineage_key
-from trainer.report import Check
-from trainer.ops.gates import reasons_markdown, report_markdown
 from trainer.markdown import table
+from trainer.ops.gates import reasons_markdown, report_markdown
+from trainer.report import Check
 
 PARSER = MarkdownIt("commonmark", {"html": True}).enable("table")  # html on: a swallowed tag shows as a token
 UNESCAPED_PIPE = re.compile(r"(?<!\\)\|")

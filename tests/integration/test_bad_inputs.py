@@ -758,8 +758,8 @@ def test_data_check_flags_one_id_with_two_contents(workspace: Workspace):
 def test_a_save_refused_by_a_read_only_disk_is_one_line_and_leaves_the_newest(workspace: Workspace):
     import torch
 
-    from trainer.training.checkpoint import latest_valid_checkpoint, save_checkpoint
     from trainer.errors import FidelError
+    from trainer.training.checkpoint import latest_valid_checkpoint, save_checkpoint
 
     disk = workspace.tmpfs("disk", "1m")
     save_checkpoint(disk, 1, {"x": torch.zeros(4)}, {})

@@ -85,7 +85,7 @@ def test_sigterm_saves_within_seconds_and_exits_75(tiny_project, tmp_path):
 
 def test_speed_flags_reach_the_train_config(tiny_project, tmp_path, monkeypatch):
     import trainer.training.trainer as train_module
-    from trainer.training.trainer import TrainResult
+    from trainer.training.hooks import TrainResult
 
     seen = []
     monkeypatch.setattr(train_module, "train",
@@ -120,8 +120,8 @@ def test_readme_option_table_is_the_definition(capsys):
 def test_one_default_per_option_whichever_way_it_is_given(tmp_path, monkeypatch):
     import trainer.training.trainer as train_module
     from tasks.spec import run_spec_from_dict
+    from trainer.training.hooks import TrainResult
     from trainer.training.options import TrainConfig
-    from trainer.training.trainer import TrainResult
 
     seen = []
     monkeypatch.setattr(train_module, "train", lambda tc, hooks: seen.append(tc) or TrainResult("completed", 0, 0, None, {}))
@@ -154,7 +154,7 @@ def test_bad_flag_values_name_the_flag_as_typed(tmp_path, capsys, flags, line):
 
 def test_community_spellings_reach_the_same_option(tmp_path, monkeypatch):
     import trainer.training.trainer as train_module
-    from trainer.training.trainer import TrainResult
+    from trainer.training.hooks import TrainResult
 
     seen = []
     monkeypatch.setattr(train_module, "train", lambda tc, hooks: seen.append(tc) or TrainResult("completed", 0, 0, None, {}))

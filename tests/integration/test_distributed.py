@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch.multiprocessing as mp
 
-from trainer.training.trainer import TrainHooks, train
+from trainer.training.hooks import TrainHooks
+from trainer.training.trainer import train
 
 
 def free_port() -> int:

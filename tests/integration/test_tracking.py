@@ -16,8 +16,8 @@ from tasks.tracking import (
     register_export,
     start_system_metrics,
 )
-from trainer.training.checkpoint import save_checkpoint
 from trainer.errors import FidelError
+from trainer.training.checkpoint import save_checkpoint
 
 
 def test_open_run_creates_one_run_and_reopens_it(tmp_path, mlflow_uri, monkeypatch):

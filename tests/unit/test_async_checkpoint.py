@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import trainer.training.writer as writer_module
-from trainer.training.writer import AsyncCheckpointWriter
 from trainer.training.checkpoint import load_checkpoint, verify_checkpoint
+from trainer.training.writer import AsyncCheckpointWriter
 
 
 def training_state():
@@ -113,7 +113,8 @@ def test_a_failed_write_raises_in_the_loop_and_leaves_no_file(tmp_path, monkeypa
 
 @pytest.mark.slow
 def test_training_with_background_saves_matches_synchronous_saves(tiny_project, make_train_config, tmp_path):
-    from trainer.training.trainer import TrainHooks, train
+    from trainer.training.hooks import TrainHooks
+    from trainer.training.trainer import train
 
     committed = {}
     results = {}

@@ -3,6 +3,8 @@ import pickle
 import pytest
 import torch
 
+from trainer.errors import FidelError
+from trainer.ops.triage import triage_output_dir, triage_path
 from trainer.training.checkpoint import (
     atomic_write_bytes,
     latest_valid_checkpoint,
@@ -13,8 +15,6 @@ from trainer.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from trainer.errors import FidelError
-from trainer.ops.triage import triage_output_dir, triage_path
 
 
 def save(folder, step):

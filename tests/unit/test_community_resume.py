@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures.community_run import Project, TrainerFlags, community_run
 
 from trainer.hashing import file_sha256
-from trainer.training.checkpoint import list_checkpoints, read_sidecar
-from fixtures.community_run import Project, TrainerFlags, community_run
-from trainer.ops.triage import Reference
 from trainer.model.weights import torch_load
+from trainer.ops.triage import Reference
+from trainer.training.checkpoint import list_checkpoints, read_sidecar
 
 STEP = 25000
 
@@ -151,10 +151,10 @@ def test_fidel_train_resume_of_a_broken_run_stops_and_writes_nothing(tiny_projec
 def test_fidel_train_resume_refuses_what_triage_refuses(tiny_project, fixed, tmp_path, capsys):
     """Another vocabulary, a truncated file, a pruned export, a pickle that runs code, --max-steps not beyond the
     run, another lineage in the output dir: one line each."""
+    from fixtures.community_run import prune_export
     from test_triage import Payload
 
     from flows.cli import main
-    from fixtures.community_run import prune_export
 
     out = tmp_path / "out"
     other_vocab = train_args(tiny_project, out, fixed, STEP + 1)

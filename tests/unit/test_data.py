@@ -9,7 +9,10 @@ import random
 import numpy as np
 import pytest
 import torch
+from fixtures.synthetic import TinyProject, make_tiny_project
 
+from trainer.data.checks import CheckSettings, check_manifests
+from trainer.data.loader import training_data
 from trainer.data.manifest import (
     BucketBatchSampler,
     padding_efficiency,
@@ -20,11 +23,8 @@ from trainer.data.manifest import (
     sorted_batches,
     split_manifest_spec,
 )
-from trainer.data.loader import training_data
-from trainer.data.checks import CheckSettings, check_manifests
-from trainer.errors import FidelError
 from trainer.data.parquet import build_dataset
-from fixtures.synthetic import TinyProject, make_tiny_project
+from trainer.errors import FidelError
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from fixtures.synthetic import TinyProject, make_tiny_project
 
 from trainer.data.checks import CHECKS, CheckSettings, DataReport, check_manifests, write_report_files
 from trainer.errors import FidelError
-from fixtures.synthetic import TinyProject, make_tiny_project
 from trainer.text.tokenizer import encode, load_tokenizer
 
 PATH_FIELDS = ("target_text_ids_path", "target_codes_path", "prompt_condition_path", "prompt_emo_vec_path")

@@ -3,10 +3,10 @@ last position)) and, in training and validation, speed_emb(0) instead with proba
 
 import torch
 
-from trainer.model.config import GPTConfig
 from trainer.data.manifest import Example, collate
-from trainer.training.distributed import Dist
+from trainer.model.config import GPTConfig
 from trainer.model.gpt import Batch, UnifiedVoiceGPT
+from trainer.training.distributed import Dist
 from trainer.training.metrics import evaluate
 
 CFG = GPTConfig(model_dim=16, layers=1, heads=2, max_text_tokens=20, max_mel_tokens=40, number_text_tokens=30,

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fixtures.community_run import Project, TrainerFlags, community_run
 
 from trainer.hashing import file_sha256
-from fixtures.community_run import Project, TrainerFlags, community_run
-from trainer.ops.experimental import backup_checkpoint, experimental_resume, repair_community_state
 from trainer.model.weights import torch_load, upstream_keys_of
+from trainer.ops.experimental import backup_checkpoint, experimental_resume, repair_community_state
 
 
 @pytest.fixture(scope="module")

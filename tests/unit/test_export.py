@@ -7,18 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures.layout_fixture import SMALL_CONDITIONING, write_layout_fixture
+from fixtures.synthetic import tiny_config_dict
 
 from flows.cli import main as fidel
-from trainer.training.checkpoint import list_checkpoints
-from trainer.model.config import gpt_config_from_dict, load_gpt_config, read_config_yaml
 from trainer.errors import FidelError
-from trainer.ops.export import export_model
-from fixtures.layout_fixture import SMALL_CONDITIONING, write_layout_fixture
+from trainer.model.config import gpt_config_from_dict, load_gpt_config, read_config_yaml
 from trainer.model.gpt import SPLIT_KEYS, UnifiedVoiceGPT, load_upstream_state_dict, upstream_state_dict
-from fixtures.synthetic import tiny_config_dict
-from trainer.text.tokenizer import load_tokenizer
-from trainer.training.trainer import train
 from trainer.model.weights import read_state_dict, same_bytes, upstream_layout
+from trainer.ops.export import export_model
+from trainer.text.tokenizer import load_tokenizer
+from trainer.training.checkpoint import list_checkpoints
+from trainer.training.trainer import train
 
 
 @pytest.fixture
@@ -122,12 +122,13 @@ def test_hooks_mode_drifts_so_its_export_is_refused(full_layout_project, make_tr
 
 def test_train_cli_passes_freeze_duration_control_and_init(monkeypatch, tmp_path):
     import trainer.training.trainer as train_module
+    from trainer.training.hooks import TrainResult
 
     seen = {}
 
     def fake_train(tc, hooks=None):
         seen["tc"] = tc
-        return train_module.TrainResult("completed", 0, 0, None, {})
+        return TrainResult("completed", 0, 0, None, {})
 
     monkeypatch.setattr(train_module, "train", fake_train)
     assert fidel(["train", "--train-manifest", "t.jsonl", "--val-manifest", "v.jsonl", "--output-dir",

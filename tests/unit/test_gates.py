@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from trainer.model.weights import torch_load
 from trainer.ops.gates import (
     GateConfig,
     finite,
@@ -22,8 +23,8 @@ from trainer.ops.gates import (
     validation_improves,
 )
 from trainer.training.build import build_model
-from trainer.training.trainer import TrainHooks, train
-from trainer.model.weights import torch_load
+from trainer.training.hooks import TrainHooks
+from trainer.training.trainer import train
 
 
 def used_rows(tc, base_rows):

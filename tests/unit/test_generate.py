@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fixtures.synthetic import tiny_config_dict
 
 from trainer.model.config import gpt_config_from_dict
-from trainer.ops.generate import greedy_codes, prompt_embeddings
 from trainer.model.gpt import UnifiedVoiceGPT
-from fixtures.synthetic import tiny_config_dict
+from trainer.ops.generate import greedy_codes, prompt_embeddings
 
 
 def tiny_model(seed=0):

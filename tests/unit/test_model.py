@@ -3,7 +3,13 @@ import torch
 import torch.nn.functional as F
 
 from trainer.model.config import GPTConfig
-from trainer.model.gpt import Batch, UnifiedVoiceGPT, aligned_inputs_and_targets, upstream_state_dict, valid_mask
+from trainer.model.gpt import (
+    Batch,
+    UnifiedVoiceGPT,
+    aligned_inputs_and_targets,
+    upstream_state_dict,
+    valid_mask,
+)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 INDUCTOR_IMPORT_WARNING = "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"

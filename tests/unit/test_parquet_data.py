@@ -12,13 +12,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from fixtures.synthetic import TinyProject, make_tiny_project
 
 import trainer.data.parquet as parquet_data
-from trainer.data.manifest import collate, read_manifest
 from trainer.data.checks import CheckSettings
-from trainer.errors import FidelError
+from trainer.data.manifest import collate, read_manifest
 from trainer.data.parquet import ParquetPairs, build_dataset, read_dataset_info
-from fixtures.synthetic import TinyProject, make_tiny_project
+from trainer.errors import FidelError
 from trainer.text.tokenizer import encode, load_tokenizer
 
 

@@ -85,10 +85,10 @@ def test_the_conditioning_weights_fidel_loads_are_in_the_official_gpt_pth():
     there with its shape."""
     from pathlib import Path
 
+    from fixtures.layout_fixture import RELEASE_GPT
     from indextts.gpt.model_v2 import UnifiedVoice
 
     from trainer.data.features import CONDITIONING_PREFIXES, quiet_transformers
-    from fixtures.layout_fixture import RELEASE_GPT
 
     quiet_transformers()
     with torch.device("meta"):
@@ -268,7 +268,7 @@ def test_bad_inputs_stop_with_one_line_before_any_work(tiny_project, tiny_models
 
 
 def espeak_corpus(folder, texts: list[str], speakers, per_speaker: int, name: str):
-    """Utterances spoken by espeak-ng as the demo corpus does (trainer/demo_corpus.py)."""
+    """Utterances spoken by espeak-ng as the demo corpus does (flows/demo/corpus.py)."""
     from flows.demo.corpus import synthesize
 
     rows = []
@@ -285,8 +285,8 @@ def espeak_corpus(folder, texts: list[str], speakers, per_speaker: int, name: st
 
 @pytest.mark.slow
 def test_the_flow_with_a_prepare_section_trains_on_espeak_audio(tiny_project, tiny_models, tmp_path, mlflow_uri):
-    from flows.finetune import finetune
     from flows.demo.corpus import SPEAKERS
+    from flows.finetune import finetune
 
     paths = tiny_models[0]
     texts = [t for t in tiny_project.am_texts if len(t.split()) <= 5]

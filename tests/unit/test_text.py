@@ -102,8 +102,9 @@ def amharic_sample():
     word list; every one with a numeral, most with ፣ or ፤ as well."""
     import random
 
-    from flows.demo.corpus import _amharic_sentence
     from fixtures.synthetic import AMHARIC_WORDS
+
+    from flows.demo.corpus import _amharic_sentence
 
     rng = random.Random(0)
     out = []
@@ -119,10 +120,10 @@ def test_fidel_normalisation_through_upstreams_front_end_gives_the_training_ids(
     pytest.importorskip("indextts.utils.front")
     import random
 
+    from fixtures.synthetic import ENGLISH_WORDS
     from indextts.utils.front import TextNormalizer, TextTokenizer
 
     from flows.demo.corpus import _english_sentence
-    from fixtures.synthetic import ENGLISH_WORDS
     from trainer.text.normalize import FidelTextTokenizer
     from trainer.text.tokenizer import encode, extend_tokenizer, load_tokenizer, train_base_tokenizer
 

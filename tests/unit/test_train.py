@@ -4,15 +4,16 @@ import signal
 import pytest
 import torch
 
-from trainer.training.checkpoint import list_checkpoints, load_checkpoint
 from trainer.data.loader import training_data
 from trainer.data.manifest import BucketBatchSampler
 from trainer.errors import FidelError
+from trainer.model.weights import torch_load
 from trainer.ops.export import export_model
 from trainer.ops.gates import exported_base_rows_identical
+from trainer.training.checkpoint import list_checkpoints, load_checkpoint
+from trainer.training.hooks import TrainHooks
 from trainer.training.optim import lr_factor
-from trainer.training.trainer import TrainHooks, train
-from trainer.model.weights import torch_load
+from trainer.training.trainer import train
 
 
 def test_losses_fall_and_base_rows_stay_bit_identical(tiny_project, make_train_config, tmp_path):
@@ -191,10 +192,10 @@ def test_bad_inputs_name_the_file(tiny_project, make_train_config, tmp_path):
 def tiny_step_setup(device: str, fused: bool):
     """A 2-layer model, its optimizer and a watch, as the training loop builds them (fused: as on CUDA)."""
     from trainer.model.config import GPTConfig
-    from trainer.training.distributed import Dist
     from trainer.model.gpt import UnifiedVoiceGPT
-    from trainer.training.optim import param_groups
+    from trainer.training.distributed import Dist
     from trainer.training.metrics import MetricWindow, NonFiniteWatch
+    from trainer.training.optim import param_groups
     from trainer.training.options import TrainConfig
     from trainer.training.step import LossModel, skips_on_device
 

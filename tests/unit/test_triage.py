@@ -1,4 +1,4 @@
-"""Triage on checkpoints made the way the community trainer makes them (trainer/community_run.py, tiny model):
+"""Triage on checkpoints made the way the community trainer makes them (tests/fixtures/community_run.py, tiny model):
 runs with the hooks and AdamW's default weight decay (fixed: base rows shrunk by decay alone), the run before the
 hooks (broken), one resumed with the hooks later, fp16 with a GradScaler, today's latest.pth, pruned exports, the
 WebUI's flags, and files that must never be loaded. The guide's own thresholds (5k / 20k / 50k) apply: the
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from fixtures.community_run import Project, TrainerFlags, community_run, prune_export
-from trainer.ops.triage import Reference, TriagePolicy, triage_path
+
 from trainer.model.weights import torch_load
+from trainer.ops.triage import Reference, TriagePolicy, triage_path
 
 FP16 = TrainerFlags(amp="float16")
 WEBUI = TrainerFlags(learning_rate=5e-5, weight_decay=1e-5, warmup_steps=4000, amp="float16")

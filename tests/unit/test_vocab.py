@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.model.config import GPTConfig
 from trainer.errors import FidelError
+from trainer.model.config import GPTConfig
 from trainer.model.gpt import SPLIT_KEYS, UnifiedVoiceGPT, upstream_state_dict
-from trainer.text.tokenizer import load_tokenizer
 from trainer.model.translit import syllable, table_sha256, transliterate
 from trainer.model.vocab import BaseSpeller, base_processor, extended_model, new_rows_init, subtoken_ids
 from trainer.model.weights import BaseCheckpoint
+from trainer.text.tokenizer import load_tokenizer
 
 
 @pytest.mark.parametrize("word, latin", [

@@ -11,13 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from trainer.model.config import gpt_config_from_dict
-from trainer.errors import FidelError
-from trainer.hashing import file_sha256
 from fixtures.layout_fixture import RELEASE_GPT, SMALL_CONDITIONING, layout_state_dict
 from fixtures.synthetic import tiny_config_dict
-from trainer.model.weights import load_base_checkpoint, read_state_dict, same_bytes, torch_load, upstream_layout
+
+from trainer.errors import FidelError
+from trainer.hashing import file_sha256
+from trainer.model.config import gpt_config_from_dict
+from trainer.model.weights import (
+    load_base_checkpoint,
+    read_state_dict,
+    same_bytes,
+    torch_load,
+    upstream_layout,
+)
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -51,7 +57,7 @@ def scheduler_state(opt_state: dict) -> dict:
 
 
 def community_checkpoints(state: dict) -> dict[str, dict]:
-    """The community trainers' files (reference/amv2_checkpoint_format.md), with the model state_dict inside."""
+    """The community trainers' files (docs/design.md §8), with the model state_dict inside."""
     opt = adamw_state(state)
     manifests = {"train": [{"path": "train.jsonl", "count": 10, "languages": ["am"]}], "val": []}
     np_state = np.random.get_state()
@@ -88,7 +94,7 @@ def test_layout_from_config_is_the_reference_key_list():
     assert list(layout.items()) == [(k["name"], tuple(k["shape"])) for k in reference["keys"]]
     assert sum(int(np.prod(s)) for s in layout.values()) == reference["total_params"] == 871_100_639
     at_24k = upstream_layout(gpt_config_from_dict({**RELEASE_GPT, "number_text_tokens": 24000}), RELEASE_GPT)
-    assert sum(int(np.prod(s)) for s in at_24k.values()) == 901_832_639  # reference/..._24k.md
+    assert sum(int(np.prod(s)) for s in at_24k.values()) == 901_832_639  # docs/design.md §8
     assert [k for k in layout if layout[k] != at_24k[k]] == ["text_embedding.weight", "text_head.weight",
                                                               "text_head.bias"]
 
@@ -252,8 +258,9 @@ def test_fine_tuning_the_base_language_with_the_base_tokenizer_itself(tiny_proje
     """N = B (a new speaker, no new rows but row B): the default init once crashed hashing a stride-0 tensor."""
     import random as stdlib_random
 
-    from flows.cli import main as fidel
     from fixtures.synthetic import ENGLISH_WORDS, sentences, write_pairs
+
+    from flows.cli import main as fidel
     from trainer.text.tokenizer import load_tokenizer
 
     p = tiny_project

@@ -1,4 +1,4 @@
-"""Data checks on paired manifests, before any GPU money is spent (design.md §3).
+"""Data checks on paired manifests, before any GPU money is spent (docs/design.md §3).
 
 Fatal problems stop the flow: a missing or unreadable manifest, schema errors (FidelError while reading),
 no pair in the target script, a split left empty, or more bad rows than `max_bad_rows` (a fraction). Row

@@ -4,7 +4,7 @@ Upstream builds the backbone from `transformers.GPT2Model`; here it is written d
 `F.scaled_dot_product_attention` (causal, no materialised mask). Weight layouts match HF's GPT-2
 (Conv1D weights are [in, out]) so a real `gpt.pth` loads with no renaming.
 
-Freezing (design.md §1): `text_embedding` and `text_head` each hold the base rows 0..B-1 as buffers and
+Freezing (docs/design.md §1): `text_embedding` and `text_head` each hold the base rows 0..B-1 as buffers and
 rows B..N as parameters. The optimizer, weight decay, clipping, GradScaler and DDP never see base rows.
 """
 
@@ -368,7 +368,7 @@ class UnifiedVoiceGPT(nn.Module):
         self.freeze = freeze
         self.duration_control = duration_control
         self.duration_dropout = duration_dropout
-        self.drop_duration_in_eval = False  # validation sets it (trainer.training.trainer.evaluate)
+        self.drop_duration_in_eval = False  # validation sets it (trainer.training.metrics.evaluate)
         dim = cfg.model_dim
         new_rows = cfg.text_rows - base_rows
         embedding, head = (SplitEmbedding, SplitHead) if freeze == "split" else (HookedEmbedding, HookedHead)

@@ -1,10 +1,10 @@
 """Vocabulary surgery: grow text rows from B+1 (base) to N+1 (extended) and initialise the new rows.
 
 Row B is the base model's never-used extra row; the first new token inherits it, so it is re-initialised
-like every other new row (design.md §0). Methods:
+like every other new row (docs/design.md §0). Methods:
 - `mean`: embedding mean of the base rows plus noise scaled to their per-dimension std; head weight and bias
   set to the base mean.
-- `subtoken`: a new piece whose transliteration (trainer/translit.py) the base tokenizer spells with base
+- `subtoken`: a new piece whose transliteration (trainer/model/translit.py) the base tokenizer spells with base
   pieces starts from the mean of those base rows (embedding, head weight and head bias alike); the others
   get `mean`.
 - `random`: the community trainers' behaviour: normal(0, 0.02) embedding, PyTorch's default Linear init for

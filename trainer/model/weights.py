@@ -7,7 +7,7 @@ perceivers, emotion projections) pass through untouched from base to export.
 
 The expected layout is computed from config.yaml (`upstream_layout`): the training path from the `gpt:`
 fields, the conditioning encoders and perceivers from `condition_module` / `emo_condition_module`. At the
-release config it equals reference/indextts2_gpt_state_dict.json, key for key and in order.
+release config it equals tests/data/indextts2_gpt_state_dict.json, key for key and in order.
 """
 
 from __future__ import annotations

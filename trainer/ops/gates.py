@@ -1,4 +1,4 @@
-"""Evaluation gates (design.md §6): small pure functions, each a PASS/FAIL with its numbers."""
+"""Evaluation gates (docs/design.md §6): small pure functions, each a PASS/FAIL with its numbers."""
 
 from __future__ import annotations
 

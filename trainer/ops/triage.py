@@ -1,5 +1,5 @@
 """Checkpoint triage: start fresh, resume, try the experimental repair, or refuse, from evidence in the files
-(design.md §5). Reads fidel checkpoints and the community trainers' `{model, optimizer, scheduler, ...}` dicts
+(docs/design.md §5). Reads fidel checkpoints and the community trainers' `{model, optimizer, scheduler, ...}` dicts
 (AmV2, JarodMica, Ksuriuri, instavar), always with weights_only=True."""
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ def base_row_change(current: torch.Tensor, base: torch.Tensor, floor: float) -> 
 
 def optimizer_param_names(model_state: dict, optimizer: dict) -> dict[int, str]:
     """Param id → name for an AdamW built from `model.parameters()`: the state_dict order minus buffers
-    (reference/amv2_checkpoint_format.md §1). Ids whose moment shapes disagree with that mapping are dropped."""
+    (docs/design.md §8). Ids whose moment shapes disagree with that mapping are dropped."""
     names = [k for k in model_state if not k.endswith(BUFFER_SUFFIXES)]
     ids = [i for g in optimizer.get("param_groups", []) for i in g.get("params", [])]
     if len(ids) != len(names):

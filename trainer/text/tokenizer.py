@@ -1,6 +1,6 @@
 """Tokenizer: load, train a small base (demo), extend the official base to a new script, verify.
 
-Extension appends to the base ModelProto and never touches the base pieces (design.md section 2), so every
+Extension appends to the base ModelProto and never touches the base pieces (docs/design.md §2), so every
 base id keeps its meaning and the base rows of the GPT text embedding stay valid.
 """
 
@@ -394,7 +394,7 @@ def verify_tokenizer(candidate_path: str | Path, base_path: str | Path, target_t
                      base_samples: list[str] | None = None, config_text_tokens: int | None = None,
                      checkpoint_text_rows: int | None = None, max_unused_share: float = 0.9,
                      script: str = "ethiopic") -> VerifyReport:
-    """One pass/fail line per check of design.md section 2 for an extended tokenizer against its base."""
+    """One pass/fail line per check of docs/design.md §2 for an extended tokenizer against its base."""
     cand, base = load_model_proto(candidate_path), load_model_proto(base_path)
     cand_sp, base_sp = processor_from_proto(cand, candidate_path), processor_from_proto(base, base_path)
     lines = [line for line in map(normalize_text, target_texts) if line]
