@@ -41,10 +41,13 @@ from trainer.training.build import build_model, lineage_of, resolve_resume
 from trainer.training.checkpoint import atomic_write_bytes, save_checkpoint
 from trainer.training.checkpointer import Checkpointer
 from trainer.training.distributed import Dist
+from trainer.training.hooks import TrainHooks, TrainResult
 from trainer.training.optim import make_optimizer, make_scheduler, param_groups
 from trainer.training.options import TrainConfig
 from trainer.training.step import Position
-from trainer.training.trainer import TrainHooks, TrainResult, train
+
+# fidel's split parameters ← rows B..N of the community tensors
+from trainer.training.trainer import train
 
 # fidel's split parameters ← rows B..N of the community tensors
 SPLIT_SOURCES = {"text_embedding.new": "text_embedding.weight", "text_head.new_weight": "text_head.weight",

@@ -8,11 +8,8 @@ validator.py; the checks made before any work and the lineage in build.py.
 
 from __future__ import annotations
 
-import sys
 import time
-from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,11 +17,9 @@ import torch
 from trainer.data.loader import training_data
 from trainer.errors import FidelError
 from trainer.model.config import load_gpt_config
-from trainer.model.gpt import UnifiedVoiceGPT
 from trainer.model.weights import model_base_rows_hash
 from trainer.text.tokenizer import load_tokenizer
 from trainer.training.build import (
-    ForeignResume,
     apply_batch_change,
     build_model,
     check_base_tokenizer,
@@ -40,6 +35,7 @@ from trainer.training.build import (
 from trainer.training.checkpoint import load_checkpoint, remove_stale_temp_files
 from trainer.training.checkpointer import Checkpointer, Restored
 from trainer.training.distributed import StopRequest, init_from_env
+from trainer.training.hooks import TrainHooks, TrainResult
 from trainer.training.metrics import MetricWindow, NonFiniteWatch
 from trainer.training.optim import amp_dtype, make_optimizer, make_scheduler, param_groups
 from trainer.training.options import TrainConfig
@@ -54,42 +50,6 @@ from trainer.training.step import (
 )
 from trainer.training.validator import Validator
 from trainer.training.writer import AsyncCheckpointWriter
-
-
-@dataclass
-class TrainHooks:
-    """Callbacks for the layer above (Prefect/MLflow); trainer/ itself logs nowhere. Only rank 0 calls them."""
-
-    # after every check and before anything is written: the layer above takes the output dir (fidel train: a lock)
-    on_claim: Callable[[Path], None] = lambda output_dir: None
-    on_start: Callable[[dict], None] = lambda info: None
-    # metrics are committed together with the checkpoint that contains them, so a resume never logs a step twice
-    on_commit: Callable[[list[tuple[int, dict]]], None] = lambda rows: None
-    on_checkpoint: Callable[[Path, dict], None] = lambda path, sidecar: None
-    on_progress: Callable[[int, int, dict], None] = lambda step, total, metrics: None
-    on_warning: Callable[[str], None] = lambda message: print(f"warning: {message}", file=sys.stderr)
-    # --resume FILE of another trainer's checkpoint: the fidel checkpoint to resume from instead (fidel train
-    # passes the community import, trainer.ops.experimental.community_resume); None refuses such a file
-    on_foreign_resume: ForeignResume | None = None
-    # evaluation gates at each validation: return a reason to stop (training saves and ends "failed"), or None
-    on_validation: Callable[[int, dict, list[dict], UnifiedVoiceGPT], str | None] = \
-        lambda step, metrics, history, model: None
-
-
-@dataclass
-class TrainResult:
-    status: str  # completed | preempted | failed
-    step: int
-    total_steps: int
-    checkpoint: Path | None
-    lineage: dict
-    val_history: list[dict] = field(default_factory=list)
-    last_train: dict = field(default_factory=dict)
-    reason: str = ""
-    resumed_from: int | None = None
-    wall_seconds: float = 0.0  # the training loop alone (saves and validation included)
-    skipped_steps: int = 0  # fp16 steps the GradScaler skipped on overflow
-
 
 Outcome = tuple[str, str]  # (status, reason) of a loop that ends before the schedule does
 
