@@ -45,8 +45,6 @@ from trainer.training.hooks import TrainHooks, TrainResult
 from trainer.training.optim import make_optimizer, make_scheduler, param_groups
 from trainer.training.options import TrainConfig
 from trainer.training.step import Position
-
-# fidel's split parameters ← rows B..N of the community tensors
 from trainer.training.trainer import train
 
 # fidel's split parameters ← rows B..N of the community tensors
