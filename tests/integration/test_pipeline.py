@@ -17,7 +17,13 @@ def settings(project, output_dir, mlflow_uri, **train):
 
 
 def test_flow_runs_all_stages_and_tracks_them(tiny_project, tmp_path, mlflow_uri):
-    summary = finetune(settings=settings(tiny_project, tmp_path / "run", mlflow_uri))
+    rendered = []
+
+    def render_audio(codes, wav):  # the demo's hook writes a real wav through its codec
+        rendered.append(len(codes))
+        wav.write_bytes(b"RIFF")
+
+    summary = finetune(settings=settings(tiny_project, tmp_path / "run", mlflow_uri), render_audio=render_audio)
     assert summary["status"] == "completed" and summary["step"] == 30
     assert all(g["passed"] or g["advisory"] for g in summary["gates"])
     for stage in ("data", "tokenizer", "triage", "gates"):
@@ -30,6 +36,8 @@ def test_flow_runs_all_stages_and_tracks_them(tiny_project, tmp_path, mlflow_uri
     assert [m.step for m in curve] == [0, 10, 20, 30]
     assert curve[-1].value < curve[0].value
     assert client.get_metric_history(run.info.run_id, "train_text_loss")[-1].step == 30
+    assert len(rendered) == 1 and rendered[0] > 0 and (tmp_path / "run" / "smoke" / "val0_step00000030.wav").is_file()
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "smoke")] == ["smoke/val0_step00000030.wav"]
 
 
 def test_preempted_flow_resumes_into_the_same_run(tiny_project, tmp_path, mlflow_uri, monkeypatch):

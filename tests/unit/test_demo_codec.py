@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import soundfile
 import torch
 
 from flows.demo.codec import (
@@ -10,6 +11,7 @@ from flows.demo.codec import (
     demo_conditioning,
     fit_codec,
     log_mel,
+    wav_writer,
 )
 from trainer.errors import FidelError
 
@@ -89,6 +91,16 @@ def test_save_load_round_trip(tmp_path, mels):
     codec.save(tmp_path / "codec.pt")
     loaded = DemoCodec.load(tmp_path / "codec.pt")
     assert torch.equal(loaded.codebook, codec.codebook)
+
+
+def test_wav_writer_is_the_flows_render_audio_hook(tmp_path, mels):
+    codec = fit_codec(mels, 16, seed=0)
+    codec.save(tmp_path / "codec.pt")
+    codes = [3, 3, 7, 1, 12, 12, 5]
+    wav_writer(tmp_path / "codec.pt")(codes, tmp_path / "out.wav")
+    audio, sr = soundfile.read(tmp_path / "out.wav")
+    assert sr == SAMPLE_RATE and audio.ndim == 1 and len(audio) >= (len(codes) - 1) * HOP
+    assert np.allclose(audio, codec.to_wav(codes), atol=1e-4)  # 16-bit PCM on disk
 
 
 def test_load_bad_files(tmp_path):
