@@ -76,7 +76,7 @@ class Trainer:
                                          self.scaler, self.lineage, self.total_steps, resume_path,
                                          self.hooks.on_commit, self.hooks.on_checkpoint)
         restored = self.restore(saved)
-        del saved
+        del saved  # loaded into the model and optimizer: its copy of the tensors goes before training starts
         self.hooks.on_start(self.start_info())
         if restored.committed_rows:
             self.hooks.on_commit(restored.committed_rows)  # the layer above drops what it already logged
@@ -90,9 +90,8 @@ class Trainer:
         if status == "failed":
             self.checkpointer.commit_unsaved()
         return TrainResult(status, self.pos.step, self.total_steps, self.checkpointer.last_saved, self.lineage,
-                           self.validator.history, self.last_train, reason,
-                           self.resumed_from, time.monotonic() - self.started,
-                           int(self.skipped))
+                           self.validator.history, self.last_train, reason, self.resumed_from,
+                           time.monotonic() - self.started, int(self.skipped))
 
     def check_and_build(self) -> Path | None:
         """Every check that can refuse the run, before anything is written; then the model on its device."""
