@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
+from trainer.data.checks import check_training_pairs
 from trainer.data.manifest import BucketBatchSampler
+from trainer.data.parquet import check_training_rows
 from trainer.errors import FidelError
 from trainer.hashing import file_sha256
 from trainer.model.config import GPTConfig, load_gpt_config, read_config_yaml
@@ -155,12 +157,8 @@ def check_free_space(out: Path, model: UnifiedVoiceGPT) -> None:
 def check_rows(data, cfg: GPTConfig) -> None:
     """Every row training will read, checked as `fidel data check` checks it: a bad one is manifest:line."""
     if data.source == "jsonl":
-        from trainer.data.checks import check_training_pairs
-
         check_training_pairs([*data.train_set.pairs, *data.val_set.pairs], cfg)
     else:
-        from trainer.data.parquet import check_training_rows
-
         check_training_rows(data.train_set, cfg)
         check_training_rows(data.val_set, cfg)
 
