@@ -1,7 +1,13 @@
 """`python -m flows.cli`: the `fidel` command, as torchrun workers (trainer.training.distributed) start it."""
 
+import os
 import sys
 
 from flows.cli import main
 
-sys.exit(main())
+code = main()
+if "WORLD_SIZE" in os.environ:  # a torchrun worker
+    from trainer.training.distributed import exit_process
+
+    exit_process(code)
+sys.exit(code)

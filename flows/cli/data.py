@@ -86,9 +86,9 @@ def run_pair(args: argparse.Namespace) -> int:
 
 def run_prepare(args: argparse.Namespace) -> int:
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from trainer.training.distributed import launch_torchrun
+        from trainer.training.distributed import exit_process, launch_torchrun
 
-        return launch_torchrun(args.nproc, without_option(args.argv, "--nproc"))
+        exit_process(launch_torchrun(args.nproc, without_option(args.argv, "--nproc")))
     from trainer.data.prepare import PrepareSettings, prepare
 
     settings = PrepareSettings(**from_args(PrepareSettings, args))

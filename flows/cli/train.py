@@ -43,12 +43,12 @@ def cmd_train(args) -> int:
     tc = TrainConfig(**from_args(TrainConfig, args))
     launch = LaunchOptions(**from_args(LaunchOptions, args))
     if launch.distributed and "WORLD_SIZE" not in os.environ:
-        from trainer.training.distributed import launch_torchrun
+        from trainer.training.distributed import exit_process, launch_torchrun
 
         argv = args.argv  # the workers run the same command, less the launch flags
         for name in ("--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint"):
             argv = without_option(argv, name)
-        return launch_torchrun(launch.nproc, argv, launch.nnodes, launch.node_rank, launch.rdzv_endpoint)
+        exit_process(launch_torchrun(launch.nproc, argv, launch.nnodes, launch.node_rank, launch.rdzv_endpoint))
 
     def line(metrics: dict) -> str:
         return " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))

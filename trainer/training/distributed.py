@@ -17,6 +17,7 @@ import threading
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -157,6 +158,15 @@ def barrier(env: Dist) -> None:
 def shutdown(env: Dist) -> None:
     if env.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a torchrun launcher or worker with `code`, skipping the interpreter's teardown: torch's C++ threads
+    (the rendezvous TCPStore, gloo) can abort it with "terminate called without an active exception", and a
+    SIGABRT there would replace exit 75 (preempted, resumable) with a crash. Neither has anything left to clean."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def torchrun_args(nproc: int, nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str | None = None) -> list[str]:
