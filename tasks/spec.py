@@ -104,6 +104,8 @@ def run_spec_from_dict(raw: dict, path: Path | None = None) -> RunSpec:
         setattr(spec, name, [resolve(v) for v in getattr(spec, name)])
     for name in ("tokenizer", "base_tokenizer", "config", "base_checkpoint", "output_dir"):
         setattr(spec, name, resolve(getattr(spec, name)))
+    if spec.resume not in (None, "", "auto"):  # a checkpoint file, like every other path of the run file
+        spec.resume = resolve(spec.resume)
     if spec.prepare:
         spec.prepare.update({k: resolve(spec.prepare[k]) for k in PREPARE_PATHS})
         try:

@@ -108,6 +108,17 @@ def test_the_run_file_takes_the_speed_settings(tmp_path):
     assert (tc.batch_tokens, tc.compile, tc.activation_checkpointing) == (6000, True, True)
 
 
+
+@pytest.mark.parametrize("resume", ["auto", "", "runs/old/model_step25000.pth", "/abs/latest.pth"])
+def test_the_run_files_resume_path_resolves_against_its_folder_like_the_others(tmp_path, resume):
+    from tasks.spec import run_spec_from_dict
+
+    raw = {k: "x" for k in ("tokenizer", "base_tokenizer", "config", "base_checkpoint", "output_dir")}
+    raw.update(train_manifests=["t.jsonl"], val_manifests=["v.jsonl"], resume=resume)
+    spec = run_spec_from_dict(raw, tmp_path / "cfg" / "run.yaml")
+    expected = resume if resume in ("auto", "") else str((tmp_path / "cfg" / resume).resolve())
+    assert spec.resume == expected and spec.tokenizer == str((tmp_path / "cfg" / "x").resolve())
+
 def test_readme_option_table_is_the_definition(capsys):
     assert main(["options", "--markdown"]) == 0
     table = capsys.readouterr().out
