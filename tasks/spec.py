@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import yaml
-
 from trainer.data.manifest import split_manifest_spec
 from trainer.data.prepare import PREPARE_PATHS, PrepareSettings
 from trainer.errors import FidelError
+from trainer.model.config import read_yaml
 from trainer.training.options import LaunchOptions, TrainConfig, check, from_mapping, option, same_as, section
 
 INPUTS = ("tokenizer", "base_tokenizer", "config", "base_checkpoint")
@@ -79,15 +78,7 @@ class RunSpec:
 def load_run_spec(path: str | Path) -> RunSpec:
     """Read run.yaml; relative paths resolve against the file's folder."""
     path = Path(path)
-    if not path.is_file():
-        raise FidelError(path, "run file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise FidelError(path, f"not valid YAML ({str(exc).splitlines()[0]})") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FidelError(path, f"cannot read the run file ({exc.strerror or exc})") from exc
-    return run_spec_from_dict(raw, path)
+    return run_spec_from_dict(read_yaml(path, "run file"), path)
 
 
 def run_spec_from_dict(raw: dict, path: Path | None = None) -> RunSpec:

@@ -54,14 +54,22 @@ class GPTConfig:
         return GPTConfig(**{**asdict(self), "number_text_tokens": number_text_tokens})
 
 
-def read_config_yaml(path: str | Path) -> dict:
+def read_yaml(path: str | Path, what: str):
+    """A YAML file's content, or one line naming the file: `what` ("config file", "run file") not found,
+    not valid YAML, or unreadable."""
     path = Path(path)
     if not path.is_file():
-        raise FidelError(path, "config file not found")
+        raise FidelError(path, f"{what} not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise FidelError(path, f"not valid YAML ({str(exc).splitlines()[0]})") from exc
+    except OSError as exc:
+        raise FidelError(path, f"cannot read the {what} ({exc.strerror or exc})") from exc
+
+
+def read_config_yaml(path: str | Path) -> dict:
+    raw = read_yaml(path, "config file")
     if not isinstance(raw, dict) or not isinstance(raw.get("gpt"), dict):
         raise FidelError(path, "no `gpt:` section: not an IndexTTS2 config.yaml")
     return raw
