@@ -83,6 +83,3 @@ def unexpected(exc: BaseException) -> int:
     print(f"error: unexpected {type(exc).__name__}: {first} (traceback in {path})", file=sys.stderr)
     return EXIT_FAILED
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -484,7 +484,7 @@ def decide_broken(ev: ForeignEvidence, policy: TriagePolicy) -> tuple[str, str]:
 
 
 BASE_ROWS_ON_RESUME = ("base rows restored to the base on import (fidel trains them frozen at the base's values; "
-                       "the decay shrink is undone; --keep-base-rows keeps them as the run left them)")
+                       "the decay shrink is undone; `fidel experimental-resume --keep-base-rows` keeps them as the run left them)")
 
 
 def decide_fixed(ev: ForeignEvidence, policy: TriagePolicy) -> tuple[str, str]:
