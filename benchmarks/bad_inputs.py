@@ -2,7 +2,7 @@
 faults: SIGKILL, SIGTERM, a second process), the exit code, fidel's last stderr line, whether a traceback
 showed, and whether any file that existed before changed; then the counts.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bad_inputs.py [--faults] [--markdown]
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.bad_inputs [--faults] [--markdown]
 
 Runs as root to mount the small tmpfs disks (full, read-only); elsewhere those cases are listed as skipped.
 """
@@ -15,12 +15,19 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+import pytest
 
-import pytest  # noqa: E402  (a case that cannot mount a tmpfs calls pytest.skip)
-from fixtures.synthetic import make_tiny_project  # noqa: E402
-from test_bad_inputs import CASES, FAULTS, build_template, new_workspace, run_case, train_template  # noqa: E402
+from tests.fixtures.synthetic import make_tiny_project
+from tests.integration.test_bad_inputs import (
+    CASES,
+    FAULTS,
+    build_template,
+    new_workspace,
+    run_case,
+    train_template,
+)
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def verdict(outcome, code: int, expect: str) -> str:

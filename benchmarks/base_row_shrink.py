@@ -6,29 +6,26 @@ wd 0.01, cosine with 1000 warmup steps) is made on the tiny generated project at
 the validation text and mel losses are computed twice on the same weights: once with base rows 0..B-1 of
 text_embedding / text_head as saved, once with them restored from the base.
 
-Run: .venv/bin/python benchmarks/base_row_shrink.py [--steps 25000 52000] [--root /tmp/shrink]
+Run: .venv/bin/python -m benchmarks.base_row_shrink [--steps 25000 52000] [--root /tmp/shrink]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
+import torch
+from fidel_tts.trainer.data.loader import training_data
+from fidel_tts.trainer.model.config import load_gpt_config
+from fidel_tts.trainer.model.gpt import SPLIT_KEYS, UnifiedVoiceGPT, load_upstream_state_dict
+from fidel_tts.trainer.model.weights import read_state_dict, torch_load
+from fidel_tts.trainer.process import Dist
+from fidel_tts.trainer.text.tokenizer import load_tokenizer
+from fidel_tts.trainer.training.metrics import evaluate
 
-import torch  # noqa: E402
-from fixtures.community_run import Project, community_run  # noqa: E402
-from fixtures.synthetic import make_tiny_project  # noqa: E402
-
-from trainer.data.loader import training_data  # noqa: E402
-from trainer.model.config import load_gpt_config  # noqa: E402
-from trainer.model.gpt import SPLIT_KEYS, UnifiedVoiceGPT, load_upstream_state_dict  # noqa: E402
-from trainer.model.weights import read_state_dict, torch_load  # noqa: E402
-from trainer.text.tokenizer import load_tokenizer  # noqa: E402
-from trainer.training.distributed import Dist  # noqa: E402
-from trainer.training.metrics import evaluate  # noqa: E402
+from tests.fixtures.community_run import Project, community_run
+from tests.fixtures.synthetic import make_tiny_project
 
 
 def val_losses(project, state: dict) -> tuple[float, float]:

@@ -1,6 +1,6 @@
 """How long a checkpoint save blocks the training loop: synchronous writes against the background writer.
 
-    .venv/bin/python benchmarks/checkpoint_stall.py [--size demo|full] [--saves 5]
+    .venv/bin/python -m benchmarks.checkpoint_stall [--size demo|full] [--saves 5]
 
 The model is `fidel demo`'s base shape (dim 128, 4 layers, 4 heads; 400 base + 700 new text pieces, 256
 codes) or the full IndexTTS2 GPT (dim 1280, 24 layers, 24001 text rows, 8194 codes; for a GPU). The state is
@@ -20,15 +20,12 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from trainer.model.config import GPTConfig  # noqa: E402
-from trainer.model.gpt import Batch, UnifiedVoiceGPT  # noqa: E402
-from trainer.training.build import trainable_state  # noqa: E402
-from trainer.training.checkpoint import rng_state  # noqa: E402
-from trainer.training.optim import make_optimizer, param_groups  # noqa: E402
-from trainer.training.writer import AsyncCheckpointWriter  # noqa: E402
+from fidel_tts.trainer.model.config import GPTConfig
+from fidel_tts.trainer.model.gpt import Batch, UnifiedVoiceGPT
+from fidel_tts.trainer.training.build import trainable_state
+from fidel_tts.trainer.training.checkpoint import rng_state
+from fidel_tts.trainer.training.optim import make_optimizer, param_groups
+from fidel_tts.trainer.training.writer import AsyncCheckpointWriter
 
 SIZES = {  # dim, layers, heads, base text rows, text tokens, codebook
     "demo": (128, 4, 4, 401, 1100, 256),

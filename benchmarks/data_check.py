@@ -7,7 +7,7 @@ tokenizer, 50 Hz codes of 1.8-8.5 s clips (codebook 8192), conditioning [32, --d
 pairing). Conditioning is random, so only its size matters: --dim 64 keeps the files near 1 GB; the real model
 is 1280 (20× the conditioning bytes). Everything lives in a temporary folder that is deleted at the end.
 
-Run: .venv/bin/python benchmarks/data_check.py [--pairs 100000] [--dim 64] [--workdir /tmp]
+Run: .venv/bin/python -m benchmarks.data_check [--pairs 100000] [--dim 64] [--workdir /tmp]
 Goals: check + build within 120 s on 2 cores; the Parquet loader at least 5× the .npy loader.
 """
 
@@ -25,16 +25,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+from fidel_tts.trainer.data.manifest import BucketBatchSampler, Example, PairDataset, collate, read_manifest
+from fidel_tts.trainer.data.parquet import ParquetPairs
+from fidel_tts.trainer.model.config import write_config_yaml
+from fidel_tts.trainer.text.tokenizer import encode, load_tokenizer
+
+from tests.fixtures.synthetic import AMHARIC_WORDS, make_tiny_project, tiny_config_dict
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-from fixtures.synthetic import AMHARIC_WORDS, make_tiny_project, tiny_config_dict  # noqa: E402
-
-from trainer.data.manifest import BucketBatchSampler, Example, PairDataset, collate, read_manifest  # noqa: E402
-from trainer.data.parquet import ParquetPairs  # noqa: E402
-from trainer.model.config import write_config_yaml  # noqa: E402
-from trainer.text.tokenizer import encode, load_tokenizer  # noqa: E402
 
 SPEAKERS = 250
 CODEBOOK = 8192
@@ -95,7 +93,7 @@ def write_corpus(root: Path, pairs: int, dim: int, seed: int = 0) -> tuple[Path,
 
 def fidel(*args: str) -> float:
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "data", *args], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "fidel_tts.flows.cli", "data", *args], cwd=ROOT, capture_output=True, text=True)
     elapsed = time.monotonic() - started
     tail = "\n".join(proc.stdout.strip().splitlines()[-4:])
     print("  " + tail.replace("\n", "\n  "), flush=True)

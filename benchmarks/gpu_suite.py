@@ -1,7 +1,7 @@
 """Everything a lent GPU should measure, in one unattended command: one JSON, one short table, ≤ 8 minutes.
 
-    .venv/bin/python benchmarks/gpu_suite.py --out "$OUT/gpu_suite.json"     # one H200 (or any ≥ 80 GiB GPU)
-    .venv/bin/python benchmarks/gpu_suite.py --dry-run                       # CPU, size "dry", seconds
+    .venv/bin/python -m benchmarks.gpu_suite --out "$OUT/gpu_suite.json"     # one H200 (or any ≥ 80 GiB GPU)
+    .venv/bin/python -m benchmarks.gpu_suite --dry-run                       # CPU, size "dry", seconds
 
 Items (each in its own try block: a failure records its error and the rest still run):
 
@@ -43,13 +43,11 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from fidel_tts.trainer.data.manifest import collate
+from fidel_tts.trainer.model.weights import same_bytes
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from checkpoint_stall import measure_stall  # noqa: E402
-from step_throughput import (  # noqa: E402
+from benchmarks.checkpoint_stall import measure_stall
+from benchmarks.step_throughput import (
     SIZES,
     baseline_setup,
     fidel_setup,
@@ -61,8 +59,7 @@ from step_throughput import (  # noqa: E402
     synthetic_pairs,
 )
 
-from trainer.data.manifest import collate  # noqa: E402
-from trainer.model.weights import same_bytes  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 GOALS = {
     "ratio_b32": 3.0,  # fidel ÷ community baseline, real tokens/s, batch 32, bf16

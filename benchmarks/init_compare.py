@@ -6,7 +6,7 @@ same base with the same seed, data order, steps and learning rates; validation r
 Printed: the validation text loss curve and the steps each init needs to reach --threshold, and the ratio
 against `random` (the community trainers' init). Goal: the best init needs at most half of random's steps.
 
-Run: .venv/bin/python benchmarks/init_compare.py --root /tmp/fidel-demo [--steps 300] [--threshold 3.0]
+Run: .venv/bin/python -m benchmarks.init_compare --root /tmp/fidel-demo [--steps 300] [--threshold 3.0]
 (builds the demo corpus and base model under --root first if they are not there: several minutes on 2 cores)
 On a real base (runs go under --root): add --base-dir CHECKPOINTS --tokenizer am/bpe.model
 --train-manifest train_pairs.jsonl --val-manifest val_pairs.jsonl.
@@ -30,11 +30,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from trainer.training.options import TrainConfig  # noqa: E402
-from trainer.training.trainer import train  # noqa: E402
+from fidel_tts.trainer.training.options import TrainConfig
+from fidel_tts.trainer.training.trainer import train
 
 METHODS = ("random", "mean", "subtoken")
 CONTEXT_LEVELS = (8.0, 7.5, 7.0, 6.5, 6.0, 5.5, 5.0, 4.75, 4.5)
@@ -42,7 +41,14 @@ CONTEXT_LEVELS = (8.0, 7.5, 7.0, 6.5, 6.0, 5.5, 5.0, 4.75, 4.5)
 
 def build_demo(root: Path, quick: bool) -> dict:
     """Corpus, tokenizers, manifests and the English base, as `fidel demo` builds them (each step reused)."""
-    from flows.demo.flow import FULL, QUICK, base_model_step, corpus_step, manifest_step, tokenizer_step
+    from fidel_tts.flows.demo.flow import (
+        FULL,
+        QUICK,
+        base_model_step,
+        corpus_step,
+        manifest_step,
+        tokenizer_step,
+    )
 
     size = QUICK if quick else FULL
     corpus = corpus_step.fn(root, size)

@@ -1,7 +1,7 @@
 """SIGKILL `fidel train` at random moments (checkpoint writes included), resume each time, and check that
 the run ends with the same parameters as an uninterrupted one.
 
-    .venv/bin/python benchmarks/kill_resume.py [--kills 20] [--seed 0]
+    .venv/bin/python -m benchmarks.kill_resume [--kills 20] [--seed 0]
 
 Prints, per kill: the last step seen, the step resumed from, steps of work lost; then the totals.
 """
@@ -19,20 +19,18 @@ import time
 from pathlib import Path
 
 import torch
+from fidel_tts.trainer.training.checkpoint import latest_valid_checkpoint, list_checkpoints, load_checkpoint
+
+from tests.fixtures.synthetic import make_tiny_project
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-from fixtures.synthetic import make_tiny_project  # noqa: E402
-
-from trainer.training.checkpoint import latest_valid_checkpoint, list_checkpoints, load_checkpoint  # noqa: E402
 
 STEPS, SAVE_EVERY = 200, 4
 STEP_LINE = re.compile(r"^step (\d+)/")
 
 
 def train_command(project, out: Path) -> list[str]:
-    return [sys.executable, "-m", "flows.cli", "train", "--train-manifest", str(project.train_manifest),
+    return [sys.executable, "-m", "fidel_tts.flows.cli", "train", "--train-manifest", str(project.train_manifest),
             "--val-manifest", str(project.val_manifest), "--tokenizer", str(project.tokenizer),
             "--config", str(project.base_config), "--base-checkpoint", str(project.base_checkpoint),
             "--output-dir", str(out), "--max-steps", str(STEPS), "--batch-size", "8", "--grad-accumulation", "2",

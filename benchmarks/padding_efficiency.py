@@ -8,7 +8,7 @@ fixed batch size); the bucketed sampler is trainer.data.manifest.BucketBatchSamp
 from length-sorted windows) and with a token budget of batch size × the mean item length (batches filled to the
 budget). Each number is the mean over 5 epochs; "b." is batches per epoch.
 
-Run: .venv/bin/python benchmarks/padding_efficiency.py [--root demo]
+Run: .venv/bin/python -m benchmarks.padding_efficiency [--root demo]
 The demo corpus, tokenizers and manifests are built under --root when missing (as `fidel demo` does, a few
 minutes with espeak-ng). Goal: ≥ 0.9 for the bucketed sampler.
 """
@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from trainer.data.manifest import BucketBatchSampler, padding_efficiency, random_batches, read_manifest  # noqa: E402
+from fidel_tts.trainer.data.manifest import (
+    BucketBatchSampler,
+    padding_efficiency,
+    random_batches,
+    read_manifest,
+)
 
 EPOCHS = 5
 
@@ -31,7 +33,7 @@ def demo_manifests(root: Path) -> dict[str, Path]:
     manifests = {name: root / "manifests" / f"{name}.jsonl" for name in ("am_train", "en_train")}
     if all(p.is_file() for p in manifests.values()):
         return manifests
-    from flows.demo.flow import FULL, corpus_step, manifest_step, tokenizer_step
+    from fidel_tts.flows.demo.flow import FULL, corpus_step, manifest_step, tokenizer_step
 
     print(f"building the demo corpus under {root} (espeak-ng, a few minutes) …", flush=True)
     corpus = corpus_step.fn(root.resolve(), FULL)

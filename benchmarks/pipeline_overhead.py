@@ -1,7 +1,7 @@
 """What the Prefect flow and MLflow tracking cost: the same training through `fidel run`'s flow and through the
 bare training loop, interleaved in one process, as a ratio of training throughput.
 
-    .venv/bin/python benchmarks/pipeline_overhead.py [--steps 150] [--repeats 2]
+    .venv/bin/python -m benchmarks.pipeline_overhead [--steps 150] [--repeats 2]
 
 Throughput is optimizer steps per second of the training stage itself (the loop's wall time, saves, validation
 and metric logging included), both reading the Parquet dataset the flow's data stage built; the flow's fixed
@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
@@ -32,11 +31,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         os.environ["PREFECT_HOME"] = str(tmp / "prefect")
-        from fixtures.synthetic import make_tiny_project
+        from fidel_tts.flows.finetune import finetune
+        from fidel_tts.trainer.training.options import TrainConfig
+        from fidel_tts.trainer.training.trainer import train
 
-        from flows.finetune import finetune
-        from trainer.training.options import TrainConfig
-        from trainer.training.trainer import train
+        from tests.fixtures.synthetic import make_tiny_project
 
         project = make_tiny_project(tmp / "project", n_train=160, n_val=32, dim=128, layers=4)
         train_settings = {"max_steps": args.steps, "batch_size": 8, "learning_rate": 1e-3, "warmup_steps": 10,

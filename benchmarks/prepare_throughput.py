@@ -7,7 +7,7 @@ Both passes run trainer.data.features.clip_features; batched and one-at-a-time g
 ratio is pure speed. It also counts how many clips the community's batched preprocessing would have stored with
 padded codes (every clip of a batch saved at the batch's longest length).
 
-Run: .venv/bin/python benchmarks/prepare_throughput.py [--clips 24] [--batch-size 8] [--threads 2]
+Run: .venv/bin/python -m benchmarks.prepare_throughput [--clips 24] [--batch-size 8] [--threads 2]
 On the real models and a GPU the batched w2v-BERT pass dominates and the ratio is larger; these tiny models on
 CPU show the mechanism, not that number.
 """
@@ -15,18 +15,14 @@ CPU show the mechanism, not that number.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
-
-from flows.demo.corpus import SPEAKERS, build_utterances  # noqa: E402
-from trainer.data.features import FeatureModels, clip_features, read_audio, write_tiny_models  # noqa: E402
-from trainer.data.prepare import PrepareSettings  # noqa: E402
+import torch
+from fidel_tts.flows.demo.corpus import SPEAKERS, build_utterances
+from fidel_tts.trainer.data.features import FeatureModels, clip_features, read_audio, write_tiny_models
+from fidel_tts.trainer.data.prepare import PrepareSettings
 
 
 def timed(run) -> float:

@@ -1,7 +1,7 @@
 """Seconds from SIGTERM to exit for `fidel train` on the demo model (finish the step, save, exit 75), and the
 blocked time of an ordinary save.
 
-    .venv/bin/python benchmarks/sigterm_timing.py --demo-root demo [--repeats 3]
+    .venv/bin/python -m benchmarks.sigterm_timing --demo-root demo [--repeats 3]
 
 Needs a built demo (`./run demo` or `fidel demo --quick`).
 """
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def command(demo: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "flows.cli", "train", "--train-manifest", str(demo / "manifests/am_train.jsonl"),
+    return [sys.executable, "-m", "fidel_tts.flows.cli", "train", "--train-manifest", str(demo / "manifests/am_train.jsonl"),
             "--val-manifest", str(demo / "manifests/am_val.jsonl"), "--tokenizer", str(demo / "am_bpe.model"),
             "--config", str(demo / "base/config.yaml"), "--base-checkpoint", str(demo / "base/gpt.pth"),
             "--output-dir", str(out), "--epochs", "1000", "--batch-size", "16", "--log-interval", "1",

@@ -1,7 +1,7 @@
 """fidel's training step against the step the community trainers run, interleaved in one process.
 
-    .venv/bin/python benchmarks/step_throughput.py --size tiny            # CPU: minutes
-    .venv/bin/python benchmarks/step_throughput.py --size full --batch-size 32 --amp bf16   # one GPU
+    .venv/bin/python -m benchmarks.step_throughput --size tiny            # CPU: minutes
+    .venv/bin/python -m benchmarks.step_throughput --size full --batch-size 32 --amp bf16   # one GPU
 
 benchmarks/gpu_suite.py runs it at batch 16 and 32, eager and compiled, with and without activation checkpointing.
 
@@ -41,21 +41,23 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from trainer.data.manifest import BucketBatchSampler, Example, collate, padding_efficiency, random_batches  # noqa: E402
-from trainer.model.config import GPTConfig  # noqa: E402
-from trainer.model.gpt import Batch, UnifiedVoiceGPT, valid_mask  # noqa: E402
-from trainer.training.distributed import Dist  # noqa: E402
-from trainer.training.metrics import MetricWindow, NonFiniteWatch  # noqa: E402
-from trainer.training.optim import make_optimizer, param_groups  # noqa: E402
-from trainer.training.options import TrainConfig  # noqa: E402
-from trainer.training.step import LossModel, accumulate, optimizer_step, skips_on_device  # noqa: E402
+from fidel_tts.trainer.data.manifest import (
+    BucketBatchSampler,
+    Example,
+    collate,
+    padding_efficiency,
+    random_batches,
+)
+from fidel_tts.trainer.model.config import GPTConfig
+from fidel_tts.trainer.model.gpt import Batch, UnifiedVoiceGPT, valid_mask
+from fidel_tts.trainer.process import Dist
+from fidel_tts.trainer.training.metrics import MetricWindow, NonFiniteWatch
+from fidel_tts.trainer.training.optim import make_optimizer, param_groups
+from fidel_tts.trainer.training.options import TrainConfig
+from fidel_tts.trainer.training.step import LossModel, accumulate, optimizer_step, skips_on_device
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ community: train a BPE sentencepiece model on the corpus and append its pieces i
 Corpus: every word of `aspell -d am dump master` three times (bare, with a prefix clitic, with a suffix clitic),
 nine words a sentence. Held-out: the same words with prefix and suffix together, a form the corpus never shows.
 
-Run: .venv/bin/python benchmarks/tokenizer_compare.py [--base tests/data/bpe.model] [--size 24000]
+Run: .venv/bin/python -m benchmarks.tokenizer_compare [--base tests/data/bpe.model] [--size 24000]
 """
 
 from __future__ import annotations
@@ -19,12 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from sentencepiece import sentencepiece_model_pb2 as model_pb2  # noqa: E402
-
-from trainer.text.normalize import normalize_text  # noqa: E402
-from trainer.text.tokenizer import (  # noqa: E402
+from fidel_tts.trainer.text.normalize import normalize_text
+from fidel_tts.trainer.text.tokenizer import (
     NORMAL,
     extend_tokenizer,
     load_model_proto,
@@ -33,6 +29,7 @@ from trainer.text.tokenizer import (  # noqa: E402
     verify_tokenizer,
     write_model,
 )
+from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 PREFIXES = ("የ", "በ", "ለ", "ከ", "እንደ")
 SUFFIXES = ("ን", "ም", "ና", "ው", "ዎች", "ህ")

@@ -6,7 +6,7 @@ parameters that get a gradient, docs/design.md §8): base rows shrunk as 25k ste
 leave them, moments zero on base rows. Then runs `fidel triage CKPT --base gpt.pth` under `/usr/bin/time -v`,
 prints its decision, peak RSS and wall time, and deletes both files (unless --keep).
 
-Run: .venv/bin/python benchmarks/triage_full_size.py --root /tmp/triage-full   (needs ~12 GB of disk)
+Run: .venv/bin/python -m benchmarks.triage_full_size --root /tmp/triage-full   (needs ~12 GB of disk)
 """
 
 from __future__ import annotations
@@ -18,14 +18,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
+import torch
+from fidel_tts.trainer.checkpoints.triage import BUFFER_SUFFIXES
+from fidel_tts.trainer.model.gpt import SPLIT_KEYS
+from fidel_tts.trainer.model.weights import read_state_dict
 
-import torch  # noqa: E402
-from fixtures.layout_fixture import RELEASE_GPT, write_layout_fixture  # noqa: E402
-
-from trainer.model.gpt import SPLIT_KEYS  # noqa: E402
-from trainer.model.weights import read_state_dict  # noqa: E402
-from trainer.ops.triage import BUFFER_SUFFIXES  # noqa: E402
+from tests.fixtures.layout_fixture import RELEASE_GPT, write_layout_fixture
 
 NEW_ROWS = 12000
 STEP = 25000

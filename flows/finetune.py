@@ -16,13 +16,9 @@ import socket
 import time
 from pathlib import Path
 
-from prefect import flow, get_run_logger
-from prefect.runtime import deployment, flow_run
-from prefect.states import Completed
-
-from tasks.data import data_checks
-from tasks.gates import GatesFailed, RenderAudio, data_dir_of, evaluation_gates
-from tasks.lineage import (
+from fidel_tts.tasks.data import data_checks
+from fidel_tts.tasks.gates import GatesFailed, RenderAudio, data_dir_of, evaluation_gates
+from fidel_tts.tasks.lineage import (
     Attempt,
     CrashLoop,
     describe_run,
@@ -32,17 +28,20 @@ from tasks.lineage import (
     started,
     write_finished,
 )
-from tasks.lock import AlreadyRunning, OutputDirLock
-from tasks.prepare import prepared_data
-from tasks.report import StageFailed, failed_state
-from tasks.spec import RunSpec, load_run_spec, run_spec_from_dict
-from tasks.stale_runs import claim_and_sweep
-from tasks.tokenizer import tokenizer_verification
-from tasks.tracking import Tracker, git_commit, open_run, start_system_metrics
-from tasks.train import training
-from tasks.triage import checkpoint_triage
-from trainer.errors import FidelError
-from trainer.report import Check, print_report
+from fidel_tts.trainer.lock import AlreadyRunning, OutputDirLock
+from fidel_tts.tasks.prepare import prepared_data
+from fidel_tts.tasks.report import StageFailed, failed_state
+from fidel_tts.tasks.spec import RunSpec, load_run_spec, run_spec_from_dict
+from fidel_tts.tasks.stale_runs import claim_and_sweep
+from fidel_tts.tasks.tokenizer import tokenizer_verification
+from fidel_tts.tasks.tracking import Tracker, git_commit, open_run, start_system_metrics
+from fidel_tts.tasks.train import training
+from fidel_tts.tasks.triage import checkpoint_triage
+from fidel_tts.trainer.errors import FidelError
+from fidel_tts.trainer.report import Check, print_report
+from prefect import flow, get_run_logger
+from prefect.runtime import deployment, flow_run
+from prefect.states import Completed
 
 
 class Preempted(StageFailed):

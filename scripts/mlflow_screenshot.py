@@ -1,6 +1,6 @@
 """Screenshot a fidel run in the MLflow UI with headless Chromium (Debian: `apt-get install -y chromium`).
 
-    .venv/bin/python scripts/mlflow_screenshot.py --tracking-uri sqlite:///mlruns/mlflow.db --out run.png
+    .venv/bin/python -m scripts.mlflow_screenshot --tracking-uri sqlite:///mlruns/mlflow.db --out run.png
 
 It serves the store with `mlflow ui` on 127.0.0.1 (a free port), opens the run's page (`--page model-metrics`, the
 run's metric charts; `--page metric` one metric across steps; `--page overview` params and tags), saves a PNG and

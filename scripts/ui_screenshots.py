@@ -1,6 +1,6 @@
 """The browser check: fidel as a user meets it in the Prefect UI and the MLflow UI, screenshotted by headless Chromium.
 
-    .venv/bin/python scripts/ui_screenshots.py --root /tmp/uidemo --out docs/screenshots
+    .venv/bin/python -m scripts.ui_screenshots --root /tmp/uidemo --out docs/screenshots
 
 It starts a Prefect server (a throwaway PREFECT_HOME) and `mlflow ui`, both on 127.0.0.1, creates the process pool,
 runs `prefect --no-prompt deploy --all` as docs/deployments.md says, starts a worker, runs the `demo` deployment
@@ -20,10 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from scripts.mlflow_screenshot import free_port, screenshot, stop, wait_until_up
 
-from mlflow_screenshot import free_port, screenshot, stop, wait_until_up  # noqa: E402  (scripts/ is on sys.path)
+REPO = Path(__file__).resolve().parents[1]
 
 MAX_PNG_BYTES = 300_000
 
@@ -69,11 +68,10 @@ def latest_artifact_id(client, key: str):
 
 
 def run_and_capture(args, env: dict, prefect_ui: str, mlflow_ui: str, logs: Path) -> None:
+    from fidel_tts.tasks.report import lineage_key
+    from fidel_tts.tasks.tracking import run_page
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
-
-    from tasks.report import lineage_key
-    from tasks.tracking import run_page
 
     prefect = [str(Path(sys.executable).parent / "prefect")]
     for cmd in (["work-pool", "create", "fidel-process", "--type", "process"], ["--no-prompt", "deploy", "--all"]):

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
-from tasks.report import StageFailed, logger, publish
-from tasks.spec import RunSpec
-from tasks.tracking import Tracker
-from trainer.data.checks import CheckSettings, DataReport, write_report_files
-from trainer.data.parquet import (
+from fidel_tts.tasks.report import StageFailed, logger, publish
+from fidel_tts.tasks.spec import RunSpec
+from fidel_tts.tasks.tracking import Tracker
+from fidel_tts.trainer.data.checks import CheckSettings, DataReport, write_report_files
+from fidel_tts.trainer.data.parquet import (
     DATASET_JSON,
     ParquetPairs,
     build_dataset,
     input_fingerprint,
     read_dataset_info,
 )
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 
 def reusable_build(data_dir: Path, fingerprint: str) -> dict | None:

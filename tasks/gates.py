@@ -10,17 +10,13 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
-from tasks.report import StageFailed, logger, publish
-from tasks.spec import RunSpec
-from tasks.tracking import CANDIDATE_ALIAS, Tracker, log_export_model, register_export
-from trainer.data.loader import training_data
-from trainer.data.parquet import ParquetPairs
-from trainer.model.weights import torch_load
-from trainer.ops.export import export_model, read_export_record
-from trainer.ops.gates import (
+from fidel_tts.tasks.report import StageFailed, logger, publish
+from fidel_tts.tasks.spec import RunSpec
+from fidel_tts.tasks.tracking import CANDIDATE_ALIAS, Tracker, log_export_model, register_export
+from fidel_tts.trainer.checkpoints.export import export_model, read_export_record
+from fidel_tts.trainer.data.loader import training_data
+from fidel_tts.trainer.data.parquet import ParquetPairs
+from fidel_tts.trainer.evaluation.gates import (
     advisory_failures,
     all_passed,
     exported_base_rows_identical,
@@ -36,9 +32,12 @@ from trainer.ops.gates import (
     validation_improves,
     verdict,
 )
-from trainer.ops.generate import DEFAULT_DECODE, decode_validation, trained_model
-from trainer.training.build import build_model
-from trainer.training.hooks import TrainResult
+from fidel_tts.trainer.evaluation.generate import DEFAULT_DECODE, decode_validation, trained_model
+from fidel_tts.trainer.model.weights import torch_load
+from fidel_tts.trainer.training.build import build_model
+from fidel_tts.trainer.training.hooks import TrainResult
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 RenderAudio = Callable[[list[int], Path], None]  # writes the codes as a listenable .wav at the path
 
@@ -116,7 +115,7 @@ def evaluation_gates(spec: RunSpec, result: TrainResult, tracker: Tracker | None
 
 
 def gate_tagger(tracker: Tracker | None):
-    """An on_results callback for trainer.ops.gates.validation_hook: each gate's result, and the first failure,
+    """An on_results callback for trainer.evaluation.gates.validation_hook: each gate's result, and the first failure,
     tagged on the lineage's MLflow run."""
 
     def on_results(step: int, results: list) -> None:

@@ -11,15 +11,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fidel_tts.tasks.report import StageFailed, lineage_key
+from fidel_tts.tasks.tracking import RUN_FILE, Tracker
+from fidel_tts.trainer.checkpoints.export import read_export_record
+from fidel_tts.trainer.files import atomic_write_json
+from fidel_tts.trainer.markdown import escape
+from fidel_tts.trainer.training.checkpoint import list_checkpoints
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL
-
-from tasks.report import StageFailed, lineage_key
-from tasks.tracking import RUN_FILE, Tracker
-from trainer.markdown import escape
-from trainer.ops.export import read_export_record
-from trainer.training.checkpoint import atomic_write_json, list_checkpoints
 
 FINISHED_FILE = "finished.json"
 ATTEMPTS_FILE = "resume_attempts.json"

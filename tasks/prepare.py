@@ -7,15 +7,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from fidel_tts.tasks.data import data_stage_result, publish_report
+from fidel_tts.tasks.report import logger
+from fidel_tts.tasks.spec import RunSpec
+from fidel_tts.tasks.tracking import Tracker
+from fidel_tts.trainer.data.checks import CheckSettings
+from fidel_tts.trainer.data.prepare import PrepareSettings, prepare
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-
-from tasks.data import data_stage_result, publish_report
-from tasks.report import logger
-from tasks.spec import RunSpec
-from tasks.tracking import Tracker
-from trainer.data.checks import CheckSettings
-from trainer.data.prepare import PrepareSettings, prepare
 
 
 @task(name="prepare", cache_policy=NO_CACHE)

@@ -8,14 +8,13 @@ import logging
 import re
 from pathlib import Path
 
+from fidel_tts.tasks.tracking import Tracker
+from fidel_tts.trainer.errors import FidelError
+from fidel_tts.trainer.markdown import escape
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import MissingContextError
 from prefect.states import Failed
-
-from tasks.tracking import Tracker
-from trainer.errors import FidelError
-from trainer.markdown import escape
 
 CURVES = {"text loss": ("train_text_loss", "val_text_loss"), "mel loss": ("train_mel_loss", "val_mel_loss"),
           "mel top-1": ("train_mel_top1", "val_mel_top1")}

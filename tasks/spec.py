@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from trainer.data.manifest import split_manifest_spec
-from trainer.data.prepare import PREPARE_PATHS, PrepareSettings
-from trainer.errors import FidelError
-from trainer.model.config import read_yaml
-from trainer.training.options import LaunchOptions, TrainConfig, check, from_mapping, option, same_as, section
+from fidel_tts.trainer.data.manifest import split_manifest_spec
+from fidel_tts.trainer.data.prepare import PREPARE_PATHS, PrepareSettings
+from fidel_tts.trainer.errors import FidelError
+from fidel_tts.trainer.model.config import read_yaml
+from fidel_tts.trainer.options import check, from_mapping, option, same_as, section
+from fidel_tts.trainer.training.options import LaunchOptions, TrainConfig
 
 INPUTS = ("tokenizer", "base_tokenizer", "config", "base_checkpoint")
 

@@ -12,6 +12,7 @@ import hashlib
 from pathlib import Path
 from uuid import UUID
 
+from fidel_tts.trainer.lock import OutputDirLock
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
@@ -21,8 +22,6 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import StateType
 from prefect.states import Crashed
-
-from tasks.lock import OutputDirLock
 
 
 def lock_tag(output_dir: str | Path) -> str:

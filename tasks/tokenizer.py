@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+from fidel_tts.tasks.report import StageFailed, logger, publish
+from fidel_tts.tasks.spec import RunSpec
+from fidel_tts.tasks.tracking import Tracker
+from fidel_tts.trainer.model.weights import torch_load, upstream_keys_of
+from fidel_tts.trainer.text.tokenizer import load_tokenizer, verify_tokenizer
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-
-from tasks.report import StageFailed, logger, publish
-from tasks.spec import RunSpec
-from tasks.tracking import Tracker
-from trainer.model.weights import torch_load, upstream_keys_of
-from trainer.text.tokenizer import load_tokenizer, verify_tokenizer
 
 
 @task(name="tokenizer-verification", cache_policy=NO_CACHE)

@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.errors import FidelError
-from trainer.training.checkpoint import list_checkpoints, read_sidecar
+from fidel_tts.trainer.errors import FidelError
+from fidel_tts.trainer.training.checkpoint import list_checkpoints, read_sidecar
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 DEFAULT_EXPERIMENT = "fidel"

@@ -7,22 +7,21 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from fidel_tts.tasks.gates import gate_tagger
+from fidel_tts.tasks.report import StageFailed, lineage_key, logger, publish_loss_curves
+from fidel_tts.tasks.spec import RunSpec
+from fidel_tts.tasks.tracking import MetricLog, Tracker
+from fidel_tts.trainer.checkpoints.experimental import continue_community
+from fidel_tts.trainer.errors import FidelError
+from fidel_tts.trainer.evaluation.gates import GateConfig, validation_hook
+from fidel_tts.trainer.training.checkpoint import latest_valid_checkpoint, read_sidecar
+from fidel_tts.trainer.training.distributed import launch_function
+from fidel_tts.trainer.training.hooks import TrainHooks, TrainResult
+from fidel_tts.trainer.training.progress import Progress
+from fidel_tts.trainer.training.trainer import train
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
-
-from tasks.gates import gate_tagger
-from tasks.report import StageFailed, lineage_key, logger, publish_loss_curves
-from tasks.spec import RunSpec
-from tasks.tracking import MetricLog, Tracker
-from trainer.errors import FidelError
-from trainer.ops.experimental import continue_community
-from trainer.ops.gates import GateConfig, validation_hook
-from trainer.training.checkpoint import latest_valid_checkpoint, read_sidecar
-from trainer.training.distributed import launch_function
-from trainer.training.hooks import TrainHooks, TrainResult
-from trainer.training.progress import Progress
-from trainer.training.trainer import train
 
 PROGRESS_UPDATE_S = 10.0
 

@@ -3,13 +3,12 @@ to the output dir, Prefect and MLflow."""
 
 from __future__ import annotations
 
+from fidel_tts.tasks.report import StageFailed, logger, publish
+from fidel_tts.tasks.spec import RunSpec
+from fidel_tts.tasks.tracking import Tracker
+from fidel_tts.trainer.checkpoints.triage import Reference, triage_output_dir, triage_path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-
-from tasks.report import StageFailed, logger, publish
-from tasks.spec import RunSpec
-from tasks.tracking import Tracker
-from trainer.ops.triage import Reference, triage_output_dir, triage_path
 
 
 @task(name="checkpoint-triage", cache_policy=NO_CACHE)

@@ -41,7 +41,7 @@ def isolated_prefect(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_project_template(tmp_path_factory):
-    from fixtures.synthetic import make_tiny_project
+    from tests.fixtures.synthetic import make_tiny_project
 
     return make_tiny_project(tmp_path_factory.mktemp("tiny") / "project")
 
@@ -84,7 +84,7 @@ def make_train_config():
 
 
 def tiny_train_config(project, output_dir, **overrides):
-    from trainer.training.options import TrainConfig
+    from fidel_tts.trainer.training.options import TrainConfig
 
     settings = dict(train_manifests=[str(project.train_manifest)], val_manifests=[str(project.val_manifest)],
                     tokenizer=str(project.tokenizer), config=str(project.base_config), output_dir=str(output_dir),

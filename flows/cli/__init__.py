@@ -9,14 +9,14 @@ import tempfile
 import traceback
 from pathlib import Path
 
-from trainer.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_PREEMPTED, FidelError
+from fidel_tts.trainer.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_PREEMPTED, FidelError
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # Prefect's temporary server waits 20 s by default; a busy 2-core machine needs longer (it starts in ~5-60 s)
 STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 os.environ.setdefault(STARTUP_TIMEOUT, "180")
 
-from flows.cli import data, export, run, tokenizer, train, triage  # noqa: E402 - after the Prefect settings
+from fidel_tts.flows.cli import data, export, run, tokenizer, train, triage  # noqa: E402 - after the Prefect settings
 
 
 class Parser(argparse.ArgumentParser):
@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a failed flow stage ends in one line: the reason
-        from flows.finetune import Preempted
-        from tasks.report import StageFailed
+        from fidel_tts.flows.finetune import Preempted
+        from fidel_tts.tasks.report import StageFailed
         if isinstance(exc, Preempted):
             print(f"preempted: {exc}", file=sys.stderr)
             return EXIT_PREEMPTED
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 def unexpected(exc: BaseException) -> int:
     """A disk that refuses a write is the user's to fix (exit 2); anything else is fidel's fault (exit 1). Either
     way one line: the traceback goes to a file that the line names."""
-    from trainer.training.checkpoint import disk_problem
+    from fidel_tts.trainer.files import disk_problem
 
     folder = Path(getattr(exc, "filename", None) or ".").parent
     problem = disk_problem(folder, exc) if isinstance(exc, OSError) else None

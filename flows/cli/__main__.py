@@ -1,13 +1,13 @@
-"""`python -m flows.cli`: the `fidel` command, as torchrun workers (trainer.training.distributed) start it."""
+"""`python -m fidel_tts.flows.cli`: the `fidel` command, as torchrun workers (trainer.training.distributed) start it."""
 
 import os
 import sys
 
-from flows.cli import main
+from fidel_tts.flows.cli import main
 
 code = main()
 if "WORLD_SIZE" in os.environ:  # a torchrun worker
-    from trainer.training.distributed import exit_process
+    from fidel_tts.trainer.training.distributed import exit_process
 
     exit_process(code)
 sys.exit(code)

@@ -11,13 +11,13 @@ import os
 import time
 from pathlib import Path
 
-from flows.cli.train import without_option
-from trainer.errors import EXIT_PREEMPTED, FidelError
-from trainer.training.options import add_flags, from_args
+from fidel_tts.flows.cli.train import without_option
+from fidel_tts.trainer.errors import EXIT_PREEMPTED, FidelError
+from fidel_tts.trainer.options import add_flags, from_args
 
 
 def settings_of(args: argparse.Namespace):
-    from trainer.data.checks import CheckSettings
+    from fidel_tts.trainer.data.checks import CheckSettings
 
     if not 0.0 <= args.max_bad_rows <= 1.0:
         raise FidelError(None, f"--max-bad-rows is a fraction in 0..1, got {args.max_bad_rows}")
@@ -44,7 +44,7 @@ def print_data_report(report, out: Path, written: list[Path], shown: int) -> Non
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from trainer.data.checks import check_manifests, write_report_files
+    from fidel_tts.trainer.data.checks import check_manifests, write_report_files
 
     started = time.monotonic()
     report = check_manifests(splits_of(args), args.tokenizer, args.config, settings_of(args))
@@ -56,8 +56,8 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from trainer.data.checks import write_report_files
-    from trainer.data.parquet import build_dataset
+    from fidel_tts.trainer.data.checks import write_report_files
+    from fidel_tts.trainer.data.parquet import build_dataset
 
     started = time.monotonic()
     report, info = build_dataset(splits_of(args), args.tokenizer, args.config, args.out, settings_of(args))
@@ -75,7 +75,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_pair(args: argparse.Namespace) -> int:
-    from trainer.data.manifest import pair_manifest
+    from fidel_tts.trainer.data.manifest import pair_manifest
 
     summary = pair_manifest(args.manifest, args.out, args.pairs_per_target, args.seed)
     print(f"{summary.pairs} pairs from {summary.utterances} utterances of {summary.speakers} speakers → {summary.out}")
@@ -86,10 +86,10 @@ def run_pair(args: argparse.Namespace) -> int:
 
 def run_prepare(args: argparse.Namespace) -> int:
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from trainer.training.distributed import exit_process, launch_torchrun
+        from fidel_tts.trainer.training.distributed import exit_process, launch_torchrun
 
         exit_process(launch_torchrun(args.nproc, without_option(args.argv, "--nproc")))
-    from trainer.data.prepare import PrepareSettings, prepare
+    from fidel_tts.trainer.data.prepare import PrepareSettings, prepare
 
     settings = PrepareSettings(**from_args(PrepareSettings, args))
     checks = settings_of(args)  # cond_dtype included
@@ -116,7 +116,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     if len(result.dropped) > args.show:
         print(f"  … {len(result.dropped) - args.show} more dropped utterances "
               "(all in dataset.json: prepare.dropped_rows)")
-    from trainer.data.checks import write_report_files
+    from fidel_tts.trainer.data.checks import write_report_files
 
     written = write_report_files(result.report, args.out / "report")
     print_data_report(result.report, args.out / "report", written, args.show)
@@ -129,7 +129,7 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 
 def add_prepare_command(subparsers) -> None:
-    from trainer.data.prepare import PrepareSettings
+    from fidel_tts.trainer.data.prepare import PrepareSettings
 
     p = subparsers.add_parser("prepare", help="audio + transcripts → features → the paired Parquet dataset "
                                               "training reads (upstream's w2v-BERT, codec and conditioning)")

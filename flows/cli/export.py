@@ -16,7 +16,7 @@ def add_commands(sub) -> None:
 
 
 def cmd_export(args) -> int:
-    from trainer.ops.export import export_model
+    from fidel_tts.trainer.checkpoints.export import export_model
 
     exported = export_model(args.checkpoint, args.out, fp16=args.fp16, base_checkpoint=args.base_checkpoint)
     print(json.dumps(exported.record, indent=2))

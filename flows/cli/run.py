@@ -21,14 +21,14 @@ def add_commands(sub) -> None:
 
 
 def cmd_run(args) -> int:
-    from tasks.spec import load_run_spec
-    from trainer.training.build import check_output_dir
+    from fidel_tts.tasks.spec import load_run_spec
+    from fidel_tts.trainer.training.build import check_output_dir
 
     spec = load_run_spec(args.config)  # every setting and input checked before Prefect, MLflow or any stage starts
     spec.check_inputs()
     check_output_dir(Path(spec.output_dir))
     prefect_log_to(Path(spec.output_dir) / "logs" / "prefect.log")
-    from flows.finetune import finetune, print_summary
+    from fidel_tts.flows.finetune import finetune, print_summary
 
     summary = finetune(run_config=args.config, show_progress=not args.no_progress)
     if summary["status"] == "already_running":
@@ -76,6 +76,6 @@ def prefect_log_to(log_file: Path) -> None:
 
 
 def cmd_demo(args) -> int:
-    from flows.demo.flow import run_demo
+    from fidel_tts.flows.demo.flow import run_demo
 
     return run_demo(Path(args.root), run_name=args.run_name, quick=args.quick)

@@ -11,11 +11,11 @@ import json
 import sys
 from pathlib import Path
 
-from trainer.errors import FidelError
-from trainer.model.config import read_config_yaml
-from trainer.report import print_report
-from trainer.text.normalize import normalize_text
-from trainer.text.tokenizer import extend_tokenizer, read_corpus_files, verify_tokenizer
+from fidel_tts.trainer.errors import FidelError
+from fidel_tts.trainer.model.config import read_config_yaml
+from fidel_tts.trainer.report import print_report
+from fidel_tts.trainer.text.normalize import normalize_text
+from fidel_tts.trainer.text.tokenizer import extend_tokenizer, read_corpus_files, verify_tokenizer
 
 
 def read_config_text_tokens(path: Path) -> int:

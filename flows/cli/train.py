@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tasks.lock import AlreadyRunning, OutputDirLock
-from trainer.errors import EXIT_FAILED, EXIT_PREEMPTED, FidelError
-from trainer.training.options import LaunchOptions, TrainConfig, add_flags, from_args, markdown_table
+from fidel_tts.trainer.lock import AlreadyRunning, OutputDirLock
+from fidel_tts.trainer.errors import EXIT_FAILED, EXIT_PREEMPTED, FidelError
+from fidel_tts.trainer.options import add_flags, from_args, markdown_table
+from fidel_tts.trainer.training.options import LaunchOptions, TrainConfig
 
 
 def add_commands(sub) -> None:
@@ -36,14 +37,14 @@ def without_option(argv: list[str], name: str) -> list[str]:
 
 
 def cmd_train(args) -> int:
-    from trainer.ops.experimental import community_resume
-    from trainer.training.hooks import TrainHooks
-    from trainer.training.trainer import train
+    from fidel_tts.trainer.checkpoints.experimental import community_resume
+    from fidel_tts.trainer.training.hooks import TrainHooks
+    from fidel_tts.trainer.training.trainer import train
 
     tc = TrainConfig(**from_args(TrainConfig, args))
     launch = LaunchOptions(**from_args(LaunchOptions, args))
     if launch.distributed and "WORLD_SIZE" not in os.environ:
-        from trainer.training.distributed import exit_process, launch_torchrun
+        from fidel_tts.trainer.training.distributed import exit_process, launch_torchrun
 
         argv = args.argv  # the workers run the same command, less the launch flags
         for name in ("--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint"):
@@ -88,7 +89,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_options(args) -> int:
-    from tasks.spec import RunSpec
+    from fidel_tts.tasks.spec import RunSpec
 
     print(markdown_table(TrainConfig, LaunchOptions, RunSpec), end="")
     return 0

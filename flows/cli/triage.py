@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from trainer.errors import EXIT_HOSTILE, EXIT_QUARANTINED, EXIT_REFUSED
-from trainer.training.options import TrainConfig, add_flags, from_args
+from fidel_tts.trainer.errors import EXIT_HOSTILE, EXIT_QUARANTINED, EXIT_REFUSED
+from fidel_tts.trainer.options import add_flags, from_args
+from fidel_tts.trainer.training.options import TrainConfig
 
 
 def print_decision(decision, title: str) -> None:
@@ -27,7 +28,7 @@ def print_decision(decision, title: str) -> None:
 
 
 def cmd_triage(args) -> int:
-    from trainer.ops.triage import Reference, TriagePolicy, triage_path
+    from fidel_tts.trainer.checkpoints.triage import Reference, TriagePolicy, triage_path
 
     policy = TriagePolicy(args.policy, args.fresh_below, args.resume_from, args.definitely_from, args.warmup_steps,
                           args.text_loss_threshold)
@@ -43,14 +44,14 @@ def cmd_triage(args) -> int:
 
 
 def cmd_experimental_resume(args) -> int:
-    from tasks.gates import gate_tagger
-    from trainer.ops.experimental import experimental_resume
-    from trainer.training.hooks import TrainHooks
+    from fidel_tts.tasks.gates import gate_tagger
+    from fidel_tts.trainer.checkpoints.experimental import experimental_resume
+    from fidel_tts.trainer.training.hooks import TrainHooks
 
     tc = TrainConfig(**from_args(TrainConfig, args))
     tracker = None
     if args.tracking_uri:
-        from tasks.tracking import open_run
+        from fidel_tts.tasks.tracking import open_run
 
         tracker = open_run(args.output_dir, args.tracking_uri)
         tracker.set_tags({"triage.decision": "experimental", "resume.from": str(args.checkpoint)})

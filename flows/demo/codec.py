@@ -22,8 +22,7 @@ import soundfile
 import torch
 import torch.nn.functional as F
 import torchaudio
-
-from trainer.errors import FidelError
+from fidel_tts.trainer.errors import FidelError
 
 SAMPLE_RATE = 16000
 HOP = 320  # 16000 / 320 = 50 frames per second, the rate of IndexTTS2's semantic codes

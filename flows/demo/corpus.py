@@ -23,9 +23,7 @@ import numpy as np
 import soundfile as sf
 import torch
 import torchaudio
-from tqdm import tqdm
-
-from flows.demo.codec import (
+from fidel_tts.flows.demo.codec import (
     CONDITION_LATENTS,
     SAMPLE_RATE,
     DemoCodec,
@@ -33,7 +31,8 @@ from flows.demo.codec import (
     fit_codec,
     log_mel,
 )
-from trainer.errors import FidelError
+from fidel_tts.trainer.errors import FidelError
+from tqdm import tqdm
 
 ENGLISH_WORDS = Path("/usr/share/dict/american-english")
 LANG_VOICES = {"am": "am", "en": "en-us"}

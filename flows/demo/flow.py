@@ -11,21 +11,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from fidel_tts.flows.demo.codec import wav_writer
+from fidel_tts.flows.demo.corpus import DemoCorpus, build_demo_corpus, write_paired_manifests
+from fidel_tts.flows.finetune import Preempted, finetune, print_summary
+from fidel_tts.tasks.report import StageFailed, failed_state, logger
+from fidel_tts.trainer.checkpoints.export import export_model, read_export_record
+from fidel_tts.trainer.errors import EXIT_PREEMPTED, FidelError
+from fidel_tts.trainer.model.config import write_config_yaml
+from fidel_tts.trainer.text.tokenizer import encode, extend_tokenizer, load_tokenizer, train_base_tokenizer
+from fidel_tts.trainer.training.hooks import TrainHooks
+from fidel_tts.trainer.training.options import TrainConfig
+from fidel_tts.trainer.training.progress import Progress
+from fidel_tts.trainer.training.trainer import train
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-
-from flows.demo.codec import wav_writer
-from flows.demo.corpus import DemoCorpus, build_demo_corpus, write_paired_manifests
-from flows.finetune import Preempted, finetune, print_summary
-from tasks.report import StageFailed, failed_state, logger
-from trainer.errors import EXIT_PREEMPTED, FidelError
-from trainer.model.config import write_config_yaml
-from trainer.ops.export import export_model, read_export_record
-from trainer.text.tokenizer import encode, extend_tokenizer, load_tokenizer, train_base_tokenizer
-from trainer.training.hooks import TrainHooks
-from trainer.training.options import TrainConfig
-from trainer.training.progress import Progress
-from trainer.training.trainer import train
 
 
 @dataclass

@@ -4,13 +4,12 @@ import json
 import re
 
 import pytest
+from fidel_tts.tasks.report import lineage_key
+from fidel_tts.trainer.evaluation.gates import reasons_markdown, report_markdown
+from fidel_tts.trainer.markdown import table
+from fidel_tts.trainer.report import Check
 from markdown_it import MarkdownIt
 from mlflow import MlflowClient
-
-from tasks.report import lineage_key
-from trainer.markdown import table
-from trainer.ops.gates import reasons_markdown, report_markdown
-from trainer.report import Check
 
 PARSER = MarkdownIt("commonmark", {"html": True}).enable("table")  # html on: a swallowed tag shows as a token
 UNESCAPED_PIPE = re.compile(r"(?<!\\)\|")
@@ -59,7 +58,7 @@ def test_artifact_keys_are_per_lineage_and_valid(tmp_path):
 
 def test_the_resume_schedule_with_nothing_configured_ends_completed_with_what_to_do(tmp_path, tiny_project,
                                                                                      mlflow_uri):
-    from flows.finetune import finetune
+    from fidel_tts.flows.finetune import finetune
 
     state = finetune(run_config=str(tmp_path / "run.yaml"), only_resume=True, return_state=True)
     assert state.is_completed() and "no run file" in state.message and "run_config" in state.message
@@ -73,7 +72,7 @@ def test_the_resume_schedule_with_nothing_configured_ends_completed_with_what_to
 
 
 def test_a_fidel_failure_is_a_failed_state_with_its_one_line_reason(tmp_path):
-    from flows.finetune import finetune
+    from fidel_tts.flows.finetune import finetune
 
     state = finetune(run_config=str(tmp_path / "missing.yaml"), return_state=True)
     assert state.is_failed() and state.message == f"{tmp_path / 'missing.yaml'}: run file not found"
@@ -81,10 +80,9 @@ def test_a_fidel_failure_is_a_failed_state_with_its_one_line_reason(tmp_path):
 
 @pytest.mark.slow
 def test_a_lineage_tells_its_story_in_both_uis(tiny_project, tmp_path, mlflow_uri):
+    from fidel_tts.flows.finetune import finetune
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    from flows.finetune import finetune
 
     out = tmp_path / "out"
     summary = finetune(settings=tiny_project.flow_settings(out, mlflow_uri, max_steps=20))
@@ -119,7 +117,7 @@ def test_a_lineage_tells_its_story_in_both_uis(tiny_project, tmp_path, mlflow_ur
 
 
 def test_the_final_summary_lists_every_gate_advisory_ones_marked(capsys):
-    from flows.finetune import print_summary
+    from fidel_tts.flows.finetune import print_summary
 
     gates = [Check("finite", True, "all finite").to_dict(),
              Check("inference_smoke", False, "0/4 stopped", advisory=True).to_dict()]
@@ -134,7 +132,7 @@ def test_fidel_failures_reach_prefect_logs_as_one_line_without_a_traceback():
     import logging
     import sys
 
-    from tasks.report import StageFailed
+    from fidel_tts.tasks.report import StageFailed
 
     prefect_tasks = logging.getLogger("prefect.task_runs")  # what Prefect logs a failed task run's exception to
     records = []
@@ -151,11 +149,10 @@ def test_fidel_failures_reach_prefect_logs_as_one_line_without_a_traceback():
 def test_with_a_tracking_server_the_flow_links_to_the_mlflow_run_page(tmp_path, caplog):
     import logging
 
+    from fidel_tts.tasks.lineage import link_runs
+    from fidel_tts.tasks.tracking import Tracker
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    from tasks.lineage import link_runs
-    from tasks.tracking import Tracker
 
     tracker = Tracker("http://mlflow.example:5000", "abc123", "7", resumed=False)
     with caplog.at_level(logging.INFO, logger="fidel"):

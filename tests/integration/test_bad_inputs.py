@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-FIDEL = [sys.executable, "-m", "flows.cli"]
+FIDEL = [sys.executable, "-m", "fidel_tts.flows.cli"]
 TINY_STEPS = 4
 
 
@@ -162,7 +162,7 @@ def changed_files(before: dict[Path, str], may_change: tuple[str, ...]) -> list[
 
 
 def run_case(case: Case, ws: Workspace) -> Outcome:
-    from flows.cli import main
+    from fidel_tts.flows.cli import main
 
     argv = case.make(ws)
     before = hashes(ws.root)
@@ -206,7 +206,7 @@ def huge_header(ws: Workspace) -> None:
 
 
 def edited_tokenizer(ws: Workspace, edit: Callable) -> Path:
-    from trainer.text.tokenizer import load_model_proto, write_model
+    from fidel_tts.trainer.text.tokenizer import load_model_proto, write_model
 
     proto = load_model_proto(ws.project.tokenizer)
     edit(proto)
@@ -270,7 +270,7 @@ def resume_args(ws: Workspace, resume: str, *extra: str) -> list[str]:
 
 def full_disk(ws: Workspace) -> list[str]:
     """Room for the up-front check (one checkpoint) and a save or two, not for all four."""
-    from trainer.training.checkpoint import latest_valid_checkpoint
+    from fidel_tts.trainer.training.checkpoint import latest_valid_checkpoint
 
     size = newest(ws).stat().st_size + newest(ws).with_suffix(".json").stat().st_size
     disk = ws.tmpfs("disk", f"{(int(size * 1.5) + (1 << 20)) // 4096 * 4096 + 4096}")
@@ -552,7 +552,7 @@ CASES: list[Case] = [
 
 def train_template(project, folder: Path) -> Path:
     """A finished tiny run: checkpoints at steps 2 and 4."""
-    from flows.cli import main
+    from fidel_tts.flows.cli import main
 
     p = project
     argv = ["train", "--train-manifest", str(p.train_manifest), "--val-manifest", str(p.val_manifest),
@@ -566,7 +566,7 @@ def train_template(project, folder: Path) -> Path:
 
 def build_template(project, folder: Path) -> Path:
     """The project's Parquet dataset (`fidel data build`)."""
-    from flows.cli import main
+    from fidel_tts.flows.cli import main
 
     p = project
     with contextlib.redirect_stdout(io.StringIO()):
@@ -611,9 +611,9 @@ def workspace(tiny_project_template, trained_template, parquet_template, tmp_pat
 def retarget(checkpoint: Path, project) -> None:
     """Rewrite a copied checkpoint's recorded paths to the project copy (and its sidecar's hash)."""
     import torch
-
-    from trainer.hashing import file_sha256
-    from trainer.training.checkpoint import atomic_write_json, sidecar_path
+    from fidel_tts.trainer.files import atomic_write_json
+    from fidel_tts.trainer.hashing import file_sha256
+    from fidel_tts.trainer.training.checkpoint import sidecar_path
 
     state = torch.load(checkpoint, weights_only=False)
     state["train_config"].update(tokenizer=str(project.tokenizer), config=str(project.base_config),
@@ -669,7 +669,7 @@ def sigkill_mid_save(ws: Workspace) -> Outcome:
     proc = start_training(ws, "--save-every", "1", "--keep-checkpoints", "2")
     time.sleep(0.5)
     finish(proc, signal.SIGKILL)
-    from trainer.training.checkpoint import latest_valid_checkpoint
+    from fidel_tts.trainer.training.checkpoint import latest_valid_checkpoint
 
     saved, _ = latest_valid_checkpoint(ws.out)
     step = int(saved.stem.removeprefix("ckpt-step"))
@@ -685,7 +685,7 @@ def sigterm_keep_zero(ws: Workspace) -> Outcome:
     """--keep-checkpoints 0 then SIGTERM: the checkpoint announced is the one kept, and the resume starts there."""
     proc = start_training(ws, "--keep-checkpoints", "0", "--save-every", "3")
     code, err = finish(proc, signal.SIGTERM)
-    from trainer.training.checkpoint import latest_valid_checkpoint
+    from fidel_tts.trainer.training.checkpoint import latest_valid_checkpoint
 
     saved, _ = latest_valid_checkpoint(ws.out)
     lines = [line for line in err.splitlines() if line.strip()]
@@ -743,7 +743,7 @@ def test_fault(name, kind, run, code, expect, workspace: Workspace):
 
 
 def test_data_check_flags_one_id_with_two_contents(workspace: Workspace):
-    from trainer.data.checks import check_manifests
+    from fidel_tts.trainer.data.checks import check_manifests
 
     records = workspace.records()
     records[5]["id"] = records[2]["id"]
@@ -757,9 +757,8 @@ def test_data_check_flags_one_id_with_two_contents(workspace: Workspace):
 
 def test_a_save_refused_by_a_read_only_disk_is_one_line_and_leaves_the_newest(workspace: Workspace):
     import torch
-
-    from trainer.errors import FidelError
-    from trainer.training.checkpoint import latest_valid_checkpoint, save_checkpoint
+    from fidel_tts.trainer.errors import FidelError
+    from fidel_tts.trainer.training.checkpoint import latest_valid_checkpoint, save_checkpoint
 
     disk = workspace.tmpfs("disk", "1m")
     save_checkpoint(disk, 1, {"x": torch.zeros(4)}, {})

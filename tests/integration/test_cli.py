@@ -10,10 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+from fidel_tts.flows.cli import main
 
-from flows.cli import main
-
-FIDEL = [sys.executable, "-m", "flows.cli"]
+FIDEL = [sys.executable, "-m", "fidel_tts.flows.cli"]
 
 
 def train_args(project, out, *extra):
@@ -77,15 +76,15 @@ def test_sigterm_saves_within_seconds_and_exits_75(tiny_project, tmp_path):
     assert proc.returncode == 75, output
     assert time.monotonic() - sent < 10
     assert "preempted" in output
-    from trainer.ops.triage import triage_output_dir
+    from fidel_tts.trainer.checkpoints.triage import triage_output_dir
 
     decision = triage_output_dir(tmp_path / "out")
     assert decision.action == "resume" and f"saved at step {decision.candidates[0].step}" in output
 
 
 def test_speed_flags_reach_the_train_config(tiny_project, tmp_path, monkeypatch):
-    import trainer.training.trainer as train_module
-    from trainer.training.hooks import TrainResult
+    import fidel_tts.trainer.training.trainer as train_module
+    from fidel_tts.trainer.training.hooks import TrainResult
 
     seen = []
     monkeypatch.setattr(train_module, "train",
@@ -99,7 +98,7 @@ def test_speed_flags_reach_the_train_config(tiny_project, tmp_path, monkeypatch)
 
 
 def test_the_run_file_takes_the_speed_settings(tmp_path):
-    from tasks.spec import run_spec_from_dict
+    from fidel_tts.tasks.spec import run_spec_from_dict
 
     raw = {k: "x" for k in ("tokenizer", "base_tokenizer", "config", "base_checkpoint", "output_dir")}
     raw.update(train_manifests=["t.jsonl"], val_manifests=["v.jsonl"],
@@ -111,7 +110,7 @@ def test_the_run_file_takes_the_speed_settings(tmp_path):
 
 @pytest.mark.parametrize("resume", ["auto", "", "runs/old/model_step25000.pth", "/abs/latest.pth"])
 def test_the_run_files_resume_path_resolves_against_its_folder_like_the_others(tmp_path, resume):
-    from tasks.spec import run_spec_from_dict
+    from fidel_tts.tasks.spec import run_spec_from_dict
 
     raw = {k: "x" for k in ("tokenizer", "base_tokenizer", "config", "base_checkpoint", "output_dir")}
     raw.update(train_manifests=["t.jsonl"], val_manifests=["v.jsonl"], resume=resume)
@@ -129,10 +128,10 @@ def test_readme_option_table_is_the_definition(capsys):
 
 
 def test_one_default_per_option_whichever_way_it_is_given(tmp_path, monkeypatch):
-    import trainer.training.trainer as train_module
-    from tasks.spec import run_spec_from_dict
-    from trainer.training.hooks import TrainResult
-    from trainer.training.options import TrainConfig
+    import fidel_tts.trainer.training.trainer as train_module
+    from fidel_tts.tasks.spec import run_spec_from_dict
+    from fidel_tts.trainer.training.hooks import TrainResult
+    from fidel_tts.trainer.training.options import TrainConfig
 
     seen = []
     monkeypatch.setattr(train_module, "train", lambda tc, hooks: seen.append(tc) or TrainResult("completed", 0, 0, None, {}))
@@ -164,8 +163,8 @@ def test_bad_flag_values_name_the_flag_as_typed(tmp_path, capsys, flags, line):
 
 
 def test_community_spellings_reach_the_same_option(tmp_path, monkeypatch):
-    import trainer.training.trainer as train_module
-    from trainer.training.hooks import TrainResult
+    import fidel_tts.trainer.training.trainer as train_module
+    from fidel_tts.trainer.training.hooks import TrainResult
 
     seen = []
     monkeypatch.setattr(train_module, "train", lambda tc, hooks: seen.append(tc) or TrainResult("completed", 0, 0, None, {}))
@@ -179,7 +178,7 @@ def test_progress_is_plain_lines_off_a_terminal(monkeypatch):
     import io
     import itertools
 
-    import trainer.training.progress as progress
+    import fidel_tts.trainer.training.progress as progress
 
     clock = itertools.chain([0.0, 1.0, 31.0, 40.0, 41.0], itertools.count(100.0))
     monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
@@ -227,7 +226,7 @@ def test_a_temporary_server_too_slow_to_start_is_one_line_naming_the_setting(tin
 
 
 def test_an_unexpected_error_is_one_line_with_the_traceback_in_a_file(monkeypatch, capsys):
-    import flows.cli.train as cli_train
+    import fidel_tts.flows.cli.train as cli_train
 
     def broken(args):
         raise RuntimeError("something fidel did not foresee")

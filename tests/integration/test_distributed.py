@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
-
-from trainer.training.hooks import TrainHooks
-from trainer.training.trainer import train
+from fidel_tts.trainer.training.hooks import TrainHooks
+from fidel_tts.trainer.training.trainer import train
 
 
 def free_port() -> int:
@@ -25,7 +24,7 @@ def free_port() -> int:
 def worker(rank: int, world: int, port: int, config: dict, record: str) -> None:
     os.environ.update({"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    from trainer.training.options import TrainConfig
+    from fidel_tts.trainer.training.options import TrainConfig
 
     rows = []
     result = train(TrainConfig(**config), TrainHooks(on_commit=rows.extend))
@@ -69,7 +68,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def node_argv(project, out: Path, port: int, node_rank: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "flows.cli", "train", "--train-manifest", str(project.train_manifest),
+    return [sys.executable, "-m", "fidel_tts.flows.cli", "train", "--train-manifest", str(project.train_manifest),
             "--val-manifest", str(project.val_manifest), "--tokenizer", str(project.tokenizer),
             "--config", str(project.base_config), "--base-checkpoint", str(project.base_checkpoint),
             "--output-dir", str(out), "--device", "cpu", "--batch-size", "8", "--learning-rate", "3e-3",
@@ -105,7 +104,7 @@ def finish(nodes: dict[int, subprocess.Popen], timeout: float = 150) -> dict[int
 
 def committed_rows(out: Path) -> list:
     """Every metric row the run committed, from the checkpoints that carry them (one per save)."""
-    from trainer.training.checkpoint import list_checkpoints, load_checkpoint
+    from fidel_tts.trainer.training.checkpoint import list_checkpoints, load_checkpoint
 
     return [row for path in list_checkpoints(out) for row in load_checkpoint(path)[0]["committed_rows"]]
 
@@ -131,7 +130,7 @@ def test_two_nodes_match_one_process_with_accumulation_2(tiny_project, make_trai
 
 @pytest.mark.slow
 def test_sigterm_on_one_node_saves_and_stops_both_then_both_resume(tiny_project, tmp_path):
-    from trainer.training.checkpoint import latest_valid_checkpoint, load_checkpoint
+    from fidel_tts.trainer.training.checkpoint import latest_valid_checkpoint, load_checkpoint
 
     out = tmp_path / "run"
     nodes = start_nodes(tiny_project, out, "--max-steps", "100000", "--log-interval", "1", "--val-interval", "1000",
@@ -192,7 +191,7 @@ def test_node_0_that_cannot_host_the_rendezvous_stops_with_one_line(tiny_project
     (["--nnodes", "0"], "error: --nnodes: must be at least 1, got 0"),
 ])
 def test_bad_launch_flags_are_one_line_before_anything_starts(tmp_path, capsys, flags, line):
-    from flows.cli import main
+    from fidel_tts.flows.cli import main
 
     out = tmp_path / "out"
     assert main(["train", "--train-manifest", "a", "--val-manifest", "b", "--output-dir", str(out), *flags]) == 2
@@ -200,8 +199,8 @@ def test_bad_launch_flags_are_one_line_before_anything_starts(tmp_path, capsys, 
 
 
 def test_the_run_file_takes_the_launch_settings(tmp_path):
-    from tasks.spec import run_spec_from_dict
-    from trainer.errors import FidelError
+    from fidel_tts.tasks.spec import run_spec_from_dict
+    from fidel_tts.trainer.errors import FidelError
 
     paths = {k: "x" for k in ("tokenizer", "base_tokenizer", "config", "base_checkpoint", "output_dir")}
     raw = {**paths, "train_manifests": "a", "val_manifests": "b"}
@@ -216,7 +215,7 @@ def test_the_run_file_takes_the_launch_settings(tmp_path):
 
 
 def test_torchrun_gets_c10d_across_machines_and_node_0_hosts_the_store():
-    from trainer.training.distributed import torchrun_args
+    from fidel_tts.trainer.training.distributed import torchrun_args
 
     assert torchrun_args(4) == ["--nproc_per_node=4", "--standalone"]
     follower = torchrun_args(2, nnodes=3, node_rank=1, rdzv_endpoint="gpu-0:29500")
@@ -228,8 +227,8 @@ def test_torchrun_gets_c10d_across_machines_and_node_0_hosts_the_store():
 def test_the_flow_training_stage_runs_in_torchrun_workers(tiny_project, make_train_config, tmp_path):
     """What `fidel run` does with launch.nproc 2 (and, per machine, with launch.nnodes): the training stage's
     workers are started from Python, rank 0 with the stage's hooks; its result comes back to the flow."""
-    from tasks.train import launched_training
-    from trainer.training.options import LaunchOptions
+    from fidel_tts.tasks.train import launched_training
+    from fidel_tts.trainer.training.options import LaunchOptions
 
     settings = dict(max_steps=6, device="cpu", log_interval=3, val_interval=3, save_interval=3)
     single = train(make_train_config(tiny_project, tmp_path / "one", grad_accumulation=2, **settings))
@@ -245,7 +244,7 @@ def test_the_flow_training_stage_runs_in_torchrun_workers(tiny_project, make_tra
 
 FOLLOWER = """
 import json, sys
-from flows.finetune import finetune
+from fidel_tts.flows.finetune import finetune
 print("FOLLOWER " + json.dumps(finetune(settings=json.load(open(sys.argv[1])), node_rank=1)))
 """
 
@@ -253,9 +252,8 @@ print("FOLLOWER " + json.dumps(finetune(settings=json.load(open(sys.argv[1])), n
 @pytest.mark.slow
 def test_two_node_flow_node_0_runs_every_stage_node_1_joins_its_training(tiny_project, tmp_path, mlflow_uri):
     """One run file for both machines; the flow's node_rank parameter tells them apart."""
+    from fidel_tts.flows.finetune import finetune
     from mlflow import MlflowClient
-
-    from flows.finetune import finetune
 
     out = tmp_path / "out"
     run = {**tiny_project.flow_settings(out, mlflow_uri, max_steps=8),

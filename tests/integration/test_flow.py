@@ -11,10 +11,16 @@ import time
 from pathlib import Path
 
 import pytest
+from fidel_tts.tasks.lineage import (
+    ATTEMPTS_FILE,
+    Attempt,
+    CrashLoop,
+    read_attempts,
+    read_finished,
+    record_attempt,
+)
+from fidel_tts.trainer.lock import LOCK_FILE, AlreadyRunning, OutputDirLock
 from mlflow import MlflowClient
-
-from tasks.lineage import ATTEMPTS_FILE, Attempt, CrashLoop, read_attempts, read_finished, record_attempt
-from tasks.lock import LOCK_FILE, AlreadyRunning, OutputDirLock
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,7 +38,7 @@ def test_the_lock_is_exclusive_and_says_who_holds_it(tmp_path):
 def hold_lock(output_dir: Path, then: str) -> subprocess.Popen:
     code = textwrap.dedent(f"""
         import os, signal, sys, time
-        from tasks.lock import OutputDirLock
+        from fidel_tts.trainer.lock import OutputDirLock
         lock = OutputDirLock({str(output_dir)!r}, "child-run").acquire()
         print("locked", flush=True)
         {then}
@@ -83,7 +89,7 @@ def settings(project, output_dir, mlflow_uri, **train):
 
 @pytest.mark.slow
 def test_a_second_run_on_a_locked_output_dir_exits_at_once(tiny_project, tmp_path, mlflow_uri):
-    from flows.finetune import finetune
+    from fidel_tts.flows.finetune import finetune
 
     out = tmp_path / "out"
     with OutputDirLock(out, "the-first-run"):
@@ -101,7 +107,7 @@ def test_a_second_run_on_a_locked_output_dir_exits_at_once(tiny_project, tmp_pat
 
 @pytest.mark.slow
 def test_a_finished_lineage_is_a_noop(tiny_project, tmp_path, mlflow_uri):
-    from flows.finetune import finetune
+    from fidel_tts.flows.finetune import finetune
 
     out = tmp_path / "out"
     summary = finetune(settings=settings(tiny_project, out, mlflow_uri))
@@ -124,13 +130,12 @@ def test_a_finished_lineage_is_a_noop(tiny_project, tmp_path, mlflow_uri):
 
 @pytest.mark.slow
 def test_a_crash_loop_fails_clearly_and_stale_running_runs_are_marked_crashed(tiny_project, tmp_path, mlflow_uri):
+    from fidel_tts.flows.finetune import finetune
+    from fidel_tts.tasks.stale_runs import lock_tag
+    from fidel_tts.tasks.tracking import open_run
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import StateType
     from prefect.states import Running
-
-    from flows.finetune import finetune
-    from tasks.stale_runs import lock_tag
-    from tasks.tracking import open_run
 
     out = tmp_path / "out"
     tracker = open_run(out, mlflow_uri)  # the lineage started ...
@@ -157,12 +162,12 @@ def test_a_crash_loop_fails_clearly_and_stale_running_runs_are_marked_crashed(ti
 
 @pytest.mark.slow
 def test_a_failed_gate_finishes_the_lineage_and_reruns_fail_fast(tiny_project, tmp_path, mlflow_uri, monkeypatch):
-    import tasks.gates
-    from flows.finetune import finetune
-    from tasks.gates import GatesFailed
-    from trainer.report import Check
+    import fidel_tts.tasks.gates
+    from fidel_tts.flows.finetune import finetune
+    from fidel_tts.tasks.gates import GatesFailed
+    from fidel_tts.trainer.report import Check
 
-    monkeypatch.setattr(tasks.gates, "not_diverging", lambda losses: Check("not_diverging", False, "forced",
+    monkeypatch.setattr(fidel_tts.tasks.gates, "not_diverging", lambda losses: Check("not_diverging", False, "forced",
                                                                                  "validation loss diverged"))
     out = tmp_path / "out"
     with pytest.raises(GatesFailed, match="gate not_diverging failed"):

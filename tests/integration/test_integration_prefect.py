@@ -19,10 +19,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fidel_tts.trainer.lock import AlreadyRunning, OutputDirLock
+from fidel_tts.trainer.training.checkpoint import NAME, latest_valid_checkpoint
 from mlflow import MlflowClient
-
-from tasks.lock import AlreadyRunning, OutputDirLock
-from trainer.training.checkpoint import NAME, latest_valid_checkpoint
 
 pytestmark = pytest.mark.slow
 

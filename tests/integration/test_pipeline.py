@@ -4,10 +4,9 @@ import os
 import signal
 
 import pytest
+from fidel_tts.flows.finetune import Preempted, finetune
+from fidel_tts.tasks.report import StageFailed
 from mlflow import MlflowClient
-
-from flows.finetune import Preempted, finetune
-from tasks.report import StageFailed
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +40,7 @@ def test_flow_runs_all_stages_and_tracks_them(tiny_project, tmp_path, mlflow_uri
 
 
 def test_preempted_flow_resumes_into_the_same_run(tiny_project, tmp_path, mlflow_uri, monkeypatch):
-    import trainer.training.trainer as train_module
+    import fidel_tts.trainer.training.trainer as train_module
 
     original, calls = train_module.optimizer_step, []
 
@@ -77,7 +76,7 @@ def test_a_failed_stage_stops_the_flow_with_its_reason(tiny_project, tmp_path, m
 
 def test_an_enforced_inference_smoke_gate_fails_a_model_that_never_stops(tiny_project, tmp_path, mlflow_uri):
     """30 steps on the tiny project do not teach the model to emit the stop code: enforced, the gate fails."""
-    from tasks.gates import GatesFailed
+    from fidel_tts.tasks.gates import GatesFailed
 
     run_settings = {**settings(tiny_project, tmp_path / "run", mlflow_uri), "enforce_inference_smoke": True}
     with pytest.raises(GatesFailed, match="inference_smoke"):

@@ -4,10 +4,8 @@ import json
 import time
 
 import pytest
-from mlflow import MlflowClient
-
-from tasks.report import plot_curves, publish_loss_curves
-from tasks.tracking import (
+from fidel_tts.tasks.report import plot_curves, publish_loss_curves
+from fidel_tts.tasks.tracking import (
     RUN_FILE,
     MetricLog,
     Tracker,
@@ -16,8 +14,9 @@ from tasks.tracking import (
     register_export,
     start_system_metrics,
 )
-from trainer.errors import FidelError
-from trainer.training.checkpoint import save_checkpoint
+from fidel_tts.trainer.errors import FidelError
+from fidel_tts.trainer.training.checkpoint import save_checkpoint
+from mlflow import MlflowClient
 
 
 def test_open_run_creates_one_run_and_reopens_it(tmp_path, mlflow_uri, monkeypatch):
@@ -148,8 +147,8 @@ class Killed(BaseException):
 @pytest.mark.slow
 def test_a_kill_between_checkpoints_then_a_resume_logs_every_step_once(tiny_project, tmp_path, mlflow_uri,
                                                                         make_train_config):
-    from tasks.train import progress_hooks
-    from trainer.training.trainer import train
+    from fidel_tts.tasks.train import progress_hooks
+    from fidel_tts.trainer.training.trainer import train
 
     out = tmp_path / "out"
     tracker = open_run(out, mlflow_uri)

@@ -6,12 +6,11 @@ from __future__ import annotations
 import threading
 import time
 
+import fidel_tts.trainer.training.writer as writer_module
 import pytest
 import torch
-
-import trainer.training.writer as writer_module
-from trainer.training.checkpoint import load_checkpoint, verify_checkpoint
-from trainer.training.writer import AsyncCheckpointWriter
+from fidel_tts.trainer.training.checkpoint import load_checkpoint, verify_checkpoint
+from fidel_tts.trainer.training.writer import AsyncCheckpointWriter
 
 
 def training_state():
@@ -113,8 +112,8 @@ def test_a_failed_write_raises_in_the_loop_and_leaves_no_file(tmp_path, monkeypa
 
 @pytest.mark.slow
 def test_training_with_background_saves_matches_synchronous_saves(tiny_project, make_train_config, tmp_path):
-    from trainer.training.hooks import TrainHooks
-    from trainer.training.trainer import train
+    from fidel_tts.trainer.training.hooks import TrainHooks
+    from fidel_tts.trainer.training.trainer import train
 
     committed = {}
     results = {}

@@ -3,9 +3,8 @@ fp32 to 1e-5: upstream builds the backbone from GPT2Model with wte deleted and w
 
 import pytest
 import torch
-
-from trainer.model.config import GPTConfig
-from trainer.model.gpt import Backbone, Batch, UnifiedVoiceGPT
+from fidel_tts.trainer.model.config import GPTConfig
+from fidel_tts.trainer.model.gpt import Backbone, Batch, UnifiedVoiceGPT
 
 transformers = pytest.importorskip("transformers")  # a test-only dependency (pyproject's `test` extra)
 

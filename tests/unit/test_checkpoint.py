@@ -2,11 +2,10 @@ import pickle
 
 import pytest
 import torch
-
-from trainer.errors import FidelError
-from trainer.ops.triage import triage_output_dir, triage_path
-from trainer.training.checkpoint import (
-    atomic_write_bytes,
+from fidel_tts.trainer.checkpoints.triage import triage_output_dir, triage_path
+from fidel_tts.trainer.errors import FidelError
+from fidel_tts.trainer.files import atomic_write_bytes
+from fidel_tts.trainer.training.checkpoint import (
     latest_valid_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -61,7 +60,7 @@ def test_malicious_pickle_is_refused(tmp_path):
     path.write_bytes(pickle.dumps(Evil()))
     decision = triage_path(path)
     assert decision.action == "refuse" and decision.candidates[0].finding == "hostile"
-    from trainer.model.weights import torch_load
+    from fidel_tts.trainer.model.weights import torch_load
 
     with pytest.raises(FidelError, match="evil.pt"):
         torch_load(path)

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures.community_run import Project, TrainerFlags, community_run
+from fidel_tts.trainer.checkpoints.triage import Reference
+from fidel_tts.trainer.hashing import file_sha256
+from fidel_tts.trainer.model.weights import torch_load
+from fidel_tts.trainer.training.checkpoint import list_checkpoints, read_sidecar
 
-from trainer.hashing import file_sha256
-from trainer.model.weights import torch_load
-from trainer.ops.triage import Reference
-from trainer.training.checkpoint import list_checkpoints, read_sidecar
+from tests.fixtures.community_run import Project, TrainerFlags, community_run
 
 STEP = 25000
 
@@ -70,16 +70,16 @@ def check_continued(out: Path, fixed: Path, project, lineage_id: str, step: int)
 
 def test_the_flow_imports_a_fixed_community_run_once_and_continues_it(tiny_project, fixed, tmp_path, monkeypatch):
     """Triage and training as the flow runs them; a kill right after the import, then the same run again."""
-    import tasks.report
-    import tasks.train
-    from tasks.data import data_checks
-    from tasks.spec import run_spec_from_dict
-    from tasks.train import resume_checkpoint, training
-    from tasks.triage import checkpoint_triage
+    import fidel_tts.tasks.report
+    import fidel_tts.tasks.train
+    from fidel_tts.tasks.data import data_checks
+    from fidel_tts.tasks.spec import run_spec_from_dict
+    from fidel_tts.tasks.train import resume_checkpoint, training
+    from fidel_tts.tasks.triage import checkpoint_triage
 
     # outside a flow run, artifacts would start Prefect's temporary server: not what is tested here
-    monkeypatch.setattr(tasks.report, "create_markdown_artifact", lambda *args, **kwargs: None)
-    monkeypatch.setattr(tasks.train, "create_progress_artifact", lambda *args, **kwargs: None)
+    monkeypatch.setattr(fidel_tts.tasks.report, "create_markdown_artifact", lambda *args, **kwargs: None)
+    monkeypatch.setattr(fidel_tts.tasks.train, "create_progress_artifact", lambda *args, **kwargs: None)
     before = file_sha256(fixed)
     out = tmp_path / "out"
 
@@ -115,7 +115,7 @@ def train_args(project, out: Path, resume: Path, max_steps: int) -> list[str]:
 
 
 def test_fidel_train_resume_of_a_fixed_community_run(tiny_project, fixed, tmp_path, capsys):
-    from flows.cli import main
+    from fidel_tts.flows.cli import main
 
     before = file_sha256(fixed)
     out = tmp_path / "out"
@@ -134,7 +134,7 @@ def test_fidel_train_resume_of_a_fixed_community_run(tiny_project, fixed, tmp_pa
 
 
 def test_fidel_train_resume_of_a_broken_run_stops_and_writes_nothing(tiny_project, broken, tmp_path, capsys):
-    from flows.cli import main
+    from fidel_tts.flows.cli import main
 
     listing = sorted(p.name for p in broken.parent.iterdir())
     before = file_sha256(broken)
@@ -151,10 +151,10 @@ def test_fidel_train_resume_of_a_broken_run_stops_and_writes_nothing(tiny_projec
 def test_fidel_train_resume_refuses_what_triage_refuses(tiny_project, fixed, tmp_path, capsys):
     """Another vocabulary, a truncated file, a pruned export, a pickle that runs code, --max-steps not beyond the
     run, another lineage in the output dir: one line each."""
-    from fixtures.community_run import prune_export
-    from test_triage import Payload
+    from fidel_tts.flows.cli import main
+    from tests.unit.test_triage import Payload
 
-    from flows.cli import main
+    from tests.fixtures.community_run import prune_export
 
     out = tmp_path / "out"
     other_vocab = train_args(tiny_project, out, fixed, STEP + 1)

@@ -9,11 +9,9 @@ import random
 import numpy as np
 import pytest
 import torch
-from fixtures.synthetic import TinyProject, make_tiny_project
-
-from trainer.data.checks import CheckSettings, check_manifests
-from trainer.data.loader import training_data
-from trainer.data.manifest import (
+from fidel_tts.trainer.data.checks import CheckSettings, check_manifests
+from fidel_tts.trainer.data.loader import training_data
+from fidel_tts.trainer.data.manifest import (
     BucketBatchSampler,
     padding_efficiency,
     pair_manifest,
@@ -23,8 +21,10 @@ from trainer.data.manifest import (
     sorted_batches,
     split_manifest_spec,
 )
-from trainer.data.parquet import build_dataset
-from trainer.errors import FidelError
+from fidel_tts.trainer.data.parquet import build_dataset
+from fidel_tts.trainer.errors import FidelError
+
+from tests.fixtures.synthetic import TinyProject, make_tiny_project
 
 
 @pytest.fixture(scope="module")
@@ -202,8 +202,8 @@ def test_training_data_from_parquet_or_jsonl(project, tmp_path):
 @pytest.mark.slow
 def test_training_on_parquet_equals_training_on_jsonl(project, tmp_path):
     """float32 conditioning and re-tokenised ids equal to the stored ones: the same run, bit for bit."""
-    from trainer.training.options import TrainConfig
-    from trainer.training.trainer import train
+    from fidel_tts.trainer.training.options import TrainConfig
+    from fidel_tts.trainer.training.trainer import train
 
     build_dataset({"train": [str(project.train_manifest)], "val": [str(project.val_manifest)]}, project.tokenizer,
                   project.base_config, tmp_path / "ds", CheckSettings(cond_dtype="float32"))

@@ -13,11 +13,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from fixtures.synthetic import TinyProject, make_tiny_project
+from fidel_tts.trainer.data.checks import (
+    CHECKS,
+    CheckSettings,
+    DataReport,
+    check_manifests,
+    write_report_files,
+)
+from fidel_tts.trainer.errors import FidelError
+from fidel_tts.trainer.text.tokenizer import encode, load_tokenizer
 
-from trainer.data.checks import CHECKS, CheckSettings, DataReport, check_manifests, write_report_files
-from trainer.errors import FidelError
-from trainer.text.tokenizer import encode, load_tokenizer
+from tests.fixtures.synthetic import TinyProject, make_tiny_project
 
 PATH_FIELDS = ("target_text_ids_path", "target_codes_path", "prompt_condition_path", "prompt_emo_vec_path")
 
@@ -530,7 +536,7 @@ def test_relative_paths_resolve_against_the_manifest(project, tmp_path):
 # ----------------------------------------------------------------------------- the commands
 
 def test_cli_check_build_and_pair(corpus, capsys):
-    from flows.cli import main
+    from fidel_tts.flows.cli import main
 
     train, val = corpus.write()
     common = ["--train", f"{train}::am", "--val", str(val), "--tokenizer", str(corpus.project.tokenizer),
@@ -563,13 +569,12 @@ def test_cli_check_build_and_pair(corpus, capsys):
 
 @pytest.mark.slow
 def test_flow_stage_builds_publishes_and_reuses(tiny_project, tmp_path, mlflow_uri):
+    from fidel_tts.tasks.data import data_checks
+    from fidel_tts.tasks.report import StageFailed
+    from fidel_tts.tasks.spec import run_spec_from_dict
+    from fidel_tts.tasks.tracking import open_run
     from mlflow import MlflowClient
     from prefect import flow
-
-    from tasks.data import data_checks
-    from tasks.report import StageFailed
-    from tasks.spec import run_spec_from_dict
-    from tasks.tracking import open_run
 
     def spec_for(out, **extra):
         return run_spec_from_dict({

@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-
-from flows.demo.codec import (
+from fidel_tts.flows.demo.codec import (
     HOP,
     N_MELS,
     SAMPLE_RATE,
@@ -13,7 +12,7 @@ from flows.demo.codec import (
     log_mel,
     wav_writer,
 )
-from trainer.errors import FidelError
+from fidel_tts.trainer.errors import FidelError
 
 
 def voice(f0: float, seconds: float, sr: int = SAMPLE_RATE, seed: int = 0, tilt: float = 1.0) -> np.ndarray:

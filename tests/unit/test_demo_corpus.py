@@ -6,9 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-
-from flows.demo.codec import SAMPLE_RATE, DemoCodec
-from flows.demo.corpus import (
+from fidel_tts.flows.demo.codec import SAMPLE_RATE, DemoCodec
+from fidel_tts.flows.demo.corpus import (
     SPEAKERS,
     amharic_sentences,
     amharic_words,
@@ -21,7 +20,7 @@ from flows.demo.corpus import (
     synthesize,
     write_paired_manifests,
 )
-from trainer.errors import FidelError
+from fidel_tts.trainer.errors import FidelError
 
 
 def _have_aspell_am() -> bool:
@@ -220,7 +219,7 @@ def test_conditioning_identifies_speaker(corpus):
 
 
 def test_missing_tools_raise_fidel_error(monkeypatch, tmp_path):
-    import flows.demo.corpus as dc
+    import fidel_tts.flows.demo.corpus as dc
 
     def no_such_program(*args, **kwargs):
         raise FileNotFoundError(args[0][0])

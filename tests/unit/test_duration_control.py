@@ -2,12 +2,11 @@
 last position)) and, in training and validation, speed_emb(0) instead with probability 0.3 per item."""
 
 import torch
-
-from trainer.data.manifest import Example, collate
-from trainer.model.config import GPTConfig
-from trainer.model.gpt import Batch, UnifiedVoiceGPT
-from trainer.training.distributed import Dist
-from trainer.training.metrics import evaluate
+from fidel_tts.trainer.data.manifest import Example, collate
+from fidel_tts.trainer.model.config import GPTConfig
+from fidel_tts.trainer.model.gpt import Batch, UnifiedVoiceGPT
+from fidel_tts.trainer.process import Dist
+from fidel_tts.trainer.training.metrics import evaluate
 
 CFG = GPTConfig(model_dim=16, layers=1, heads=2, max_text_tokens=20, max_mel_tokens=40, number_text_tokens=30,
                 number_mel_codes=34, start_mel_token=32, stop_mel_token=33)
@@ -75,8 +74,8 @@ def test_the_slot_draws_random_numbers_only_when_duration_control_is_on():
 
 
 def test_train_option_builds_the_model_with_it_and_records_it(tiny_project, make_train_config, tmp_path):
-    from trainer.training.build import build_model
-    from trainer.training.trainer import train
+    from fidel_tts.trainer.training.build import build_model
+    from fidel_tts.trainer.training.trainer import train
 
     tc = make_train_config(tiny_project, tmp_path / "out", max_steps=2, save_interval=2, duration_control=True)
     assert build_model(tc).model.duration_control

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fixtures.community_run import Project, TrainerFlags, community_run
+from fidel_tts.trainer.checkpoints.experimental import (
+    backup_checkpoint,
+    experimental_resume,
+    repair_community_state,
+)
+from fidel_tts.trainer.hashing import file_sha256
+from fidel_tts.trainer.model.weights import torch_load, upstream_keys_of
 
-from trainer.hashing import file_sha256
-from trainer.model.weights import torch_load, upstream_keys_of
-from trainer.ops.experimental import backup_checkpoint, experimental_resume, repair_community_state
+from tests.fixtures.community_run import Project, TrainerFlags, community_run
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +45,7 @@ def test_backup_has_a_checksum_and_is_never_overwritten(broken, tmp_path):
     assert saved.sha256 == file_sha256(broken) == file_sha256(saved.path)
     assert (tmp_path / f"{broken.name}.sha256").read_text().split()[0] == saved.sha256
     saved.path.write_bytes(b"other")
-    from trainer.errors import FidelError
+    from fidel_tts.trainer.errors import FidelError
 
     with pytest.raises(FidelError, match="not overwritten"):
         backup_checkpoint(broken, tmp_path)
@@ -50,8 +54,8 @@ def test_backup_has_a_checksum_and_is_never_overwritten(broken, tmp_path):
 @pytest.mark.slow
 def test_text_loss_gate_aborts_an_experimental_resume(tiny_project, broken, make_train_config, mlflow_uri,
                                                       tmp_path):
-    from tasks.gates import gate_tagger
-    from tasks.tracking import open_run
+    from fidel_tts.tasks.gates import gate_tagger
+    from fidel_tts.tasks.tracking import open_run
 
     out = tmp_path / "experimental"
     tracker = open_run(out, mlflow_uri)
@@ -70,7 +74,7 @@ def test_text_loss_gate_aborts_an_experimental_resume(tiny_project, broken, make
 
 
 def test_refusals_leave_nothing_behind(tiny_project, broken, make_train_config, tmp_path):
-    from trainer.errors import FidelError
+    from fidel_tts.trainer.errors import FidelError
 
     truncated = tmp_path / "model_step2.pth"
     truncated.write_bytes(broken.read_bytes()[:5000])

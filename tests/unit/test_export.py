@@ -7,18 +7,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures.layout_fixture import SMALL_CONDITIONING, write_layout_fixture
-from fixtures.synthetic import tiny_config_dict
+from fidel_tts.flows.cli import main as fidel
+from fidel_tts.trainer.checkpoints.export import export_model
+from fidel_tts.trainer.errors import FidelError
+from fidel_tts.trainer.model.config import gpt_config_from_dict, load_gpt_config, read_config_yaml
+from fidel_tts.trainer.model.gpt import (
+    SPLIT_KEYS,
+    UnifiedVoiceGPT,
+    load_upstream_state_dict,
+    upstream_state_dict,
+)
+from fidel_tts.trainer.model.weights import read_state_dict, same_bytes, upstream_layout
+from fidel_tts.trainer.text.tokenizer import load_tokenizer
+from fidel_tts.trainer.training.checkpoint import list_checkpoints
+from fidel_tts.trainer.training.trainer import train
 
-from flows.cli import main as fidel
-from trainer.errors import FidelError
-from trainer.model.config import gpt_config_from_dict, load_gpt_config, read_config_yaml
-from trainer.model.gpt import SPLIT_KEYS, UnifiedVoiceGPT, load_upstream_state_dict, upstream_state_dict
-from trainer.model.weights import read_state_dict, same_bytes, upstream_layout
-from trainer.ops.export import export_model
-from trainer.text.tokenizer import load_tokenizer
-from trainer.training.checkpoint import list_checkpoints
-from trainer.training.trainer import train
+from tests.fixtures.layout_fixture import SMALL_CONDITIONING, write_layout_fixture
+from tests.fixtures.synthetic import tiny_config_dict
 
 
 @pytest.fixture
@@ -121,8 +126,8 @@ def test_hooks_mode_drifts_so_its_export_is_refused(full_layout_project, make_tr
 
 
 def test_train_cli_passes_freeze_duration_control_and_init(monkeypatch, tmp_path):
-    import trainer.training.trainer as train_module
-    from trainer.training.hooks import TrainResult
+    import fidel_tts.trainer.training.trainer as train_module
+    from fidel_tts.trainer.training.hooks import TrainResult
 
     seen = {}
 

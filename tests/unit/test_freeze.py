@@ -6,14 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from trainer.model.config import GPTConfig
-from trainer.model.gpt import Batch, UnifiedVoiceGPT, upstream_state_dict
-from trainer.model.vocab import extended_model
-from trainer.model.weights import BaseCheckpoint, same_bytes
-from trainer.training.optim import make_optimizer, param_groups
-from trainer.training.options import TrainConfig
-from trainer.training.step import optimizer_step
+from fidel_tts.trainer.model.config import GPTConfig
+from fidel_tts.trainer.model.gpt import Batch, UnifiedVoiceGPT, upstream_state_dict
+from fidel_tts.trainer.model.vocab import extended_model
+from fidel_tts.trainer.model.weights import BaseCheckpoint, same_bytes
+from fidel_tts.trainer.training.optim import make_optimizer, param_groups
+from fidel_tts.trainer.training.options import TrainConfig
+from fidel_tts.trainer.training.step import optimizer_step
 
 BASE = GPTConfig(model_dim=32, layers=2, heads=2, max_text_tokens=40, max_mel_tokens=80, number_text_tokens=50,
                  number_mel_codes=34, start_mel_token=32, stop_mel_token=33)

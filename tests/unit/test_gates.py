@@ -7,9 +7,7 @@ import math
 
 import pytest
 import torch
-
-from trainer.model.weights import torch_load
-from trainer.ops.gates import (
+from fidel_tts.trainer.evaluation.gates import (
     GateConfig,
     finite,
     inference_smoke,
@@ -22,13 +20,14 @@ from trainer.ops.gates import (
     validation_hook,
     validation_improves,
 )
-from trainer.training.build import build_model
-from trainer.training.hooks import TrainHooks
-from trainer.training.trainer import train
+from fidel_tts.trainer.model.weights import torch_load
+from fidel_tts.trainer.training.build import build_model
+from fidel_tts.trainer.training.hooks import TrainHooks
+from fidel_tts.trainer.training.trainer import train
 
 
 def used_rows(tc, base_rows):
-    from trainer.data.loader import training_data
+    from fidel_tts.trainer.data.loader import training_data
 
     data = training_data(tc.train_manifests, tc.val_manifests, tc.batch_size, tc.seed, tokenizer=tc.tokenizer)
     return new_row_ids([data.train_set[i].text_ids for i in range(len(data.train_set))], base_rows)

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fixtures.synthetic import tiny_config_dict
+from fidel_tts.trainer.evaluation.generate import greedy_codes, prompt_embeddings
+from fidel_tts.trainer.model.config import gpt_config_from_dict
+from fidel_tts.trainer.model.gpt import UnifiedVoiceGPT
 
-from trainer.model.config import gpt_config_from_dict
-from trainer.model.gpt import UnifiedVoiceGPT
-from trainer.ops.generate import greedy_codes, prompt_embeddings
+from tests.fixtures.synthetic import tiny_config_dict
 
 
 def tiny_model(seed=0):
@@ -64,7 +64,7 @@ def test_the_duration_slot_is_speed_emb_1_as_upstream_inference_sends_it():
 
 
 def test_decoding_stops_on_the_stop_code_and_matches_the_training_forward():
-    from trainer.model.gpt import Batch
+    from fidel_tts.trainer.model.gpt import Batch
 
     model = tiny_model(3)
     gen = torch.Generator().manual_seed(2)
@@ -85,8 +85,8 @@ def test_decoding_stops_on_the_stop_code_and_matches_the_training_forward():
 
 
 def test_the_smoke_gate_names_the_decode_it_judged():
-    from trainer.ops.gates import inference_smoke
-    from trainer.ops.generate import DECODES, DEFAULT_DECODE
+    from fidel_tts.trainer.evaluation.gates import inference_smoke
+    from fidel_tts.trainer.evaluation.generate import DECODES, DEFAULT_DECODE
 
     assert DEFAULT_DECODE == "indextts2" and set(DECODES) == {"indextts2", "training"}
     gate = inference_smoke([(50, True, 48)], decode=DEFAULT_DECODE)

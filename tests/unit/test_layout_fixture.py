@@ -9,22 +9,27 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures.layout_fixture import RELEASE_GPT, SMALL_CONDITIONING, config_dict, write_layout_fixture
-from fixtures.synthetic import tiny_config_dict
-
-from trainer.model.config import gpt_config_from_dict, load_gpt_config, read_config_yaml, write_config_yaml
-from trainer.model.gpt import Batch
-from trainer.model.vocab import extended_model
-from trainer.model.weights import (
+from fidel_tts.trainer.model.config import (
+    gpt_config_from_dict,
+    load_gpt_config,
+    read_config_yaml,
+    write_config_yaml,
+)
+from fidel_tts.trainer.model.gpt import Batch
+from fidel_tts.trainer.model.vocab import extended_model
+from fidel_tts.trainer.model.weights import (
     export_problems,
     export_state_dict,
     load_base_checkpoint,
     read_state_dict,
     upstream_layout,
 )
-from trainer.training.optim import make_optimizer, param_groups
-from trainer.training.options import TrainConfig
-from trainer.training.step import optimizer_step
+from fidel_tts.trainer.training.optim import make_optimizer, param_groups
+from fidel_tts.trainer.training.options import TrainConfig
+from fidel_tts.trainer.training.step import optimizer_step
+
+from tests.fixtures.layout_fixture import RELEASE_GPT, SMALL_CONDITIONING, config_dict, write_layout_fixture
+from tests.fixtures.synthetic import tiny_config_dict
 
 REFERENCE_KEYS = Path(__file__).resolve().parents[1] / "data" / "indextts2_gpt_state_dict.json"
 

@@ -1,9 +1,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
-from trainer.model.config import GPTConfig
-from trainer.model.gpt import (
+from fidel_tts.trainer.model.config import GPTConfig
+from fidel_tts.trainer.model.gpt import (
     Batch,
     UnifiedVoiceGPT,
     aligned_inputs_and_targets,

@@ -7,19 +7,19 @@ import pickle
 import shutil
 from pathlib import Path
 
+import fidel_tts.trainer.data.parquet as parquet_data
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from fixtures.synthetic import TinyProject, make_tiny_project
+from fidel_tts.trainer.data.checks import CheckSettings
+from fidel_tts.trainer.data.manifest import collate, read_manifest
+from fidel_tts.trainer.data.parquet import ParquetPairs, build_dataset, read_dataset_info
+from fidel_tts.trainer.errors import FidelError
+from fidel_tts.trainer.text.tokenizer import encode, load_tokenizer
 
-import trainer.data.parquet as parquet_data
-from trainer.data.checks import CheckSettings
-from trainer.data.manifest import collate, read_manifest
-from trainer.data.parquet import ParquetPairs, build_dataset, read_dataset_info
-from trainer.errors import FidelError
-from trainer.text.tokenizer import encode, load_tokenizer
+from tests.fixtures.synthetic import TinyProject, make_tiny_project
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_float16_is_the_default_and_recorded(project, tmp_path):
 def test_reader_gives_what_the_npy_files_hold(project, tmp_path):
     build(project, tmp_path / "ds", cond_dtype="float32")
     ds = ParquetPairs([tmp_path / "ds" / "train.parquet"], tokenizer=project.tokenizer)
-    from trainer.data.manifest import PairDataset
+    from fidel_tts.trainer.data.manifest import PairDataset
 
     npy = PairDataset(read_manifest(project.train_manifest))
     assert len(ds) == len(npy) == 24

@@ -10,10 +10,15 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-
-from trainer.data.checks import CheckSettings
-from trainer.data.features import SAMPLE_RATE, FeatureModels, clip_features, read_audio, write_tiny_models
-from trainer.data.prepare import PrepareSettings, prepare
+from fidel_tts.trainer.data.checks import CheckSettings
+from fidel_tts.trainer.data.features import (
+    SAMPLE_RATE,
+    FeatureModels,
+    clip_features,
+    read_audio,
+    write_tiny_models,
+)
+from fidel_tts.trainer.data.prepare import PrepareSettings, prepare
 
 DURATIONS = (0.7, 1.3, 0.9, 1.1, 0.75, 1.25)  # two speakers, three clips each
 
@@ -85,10 +90,10 @@ def test_the_conditioning_weights_fidel_loads_are_in_the_official_gpt_pth():
     there with its shape."""
     from pathlib import Path
 
-    from fixtures.layout_fixture import RELEASE_GPT
+    from fidel_tts.trainer.data.features import CONDITIONING_PREFIXES, quiet_transformers
     from indextts.gpt.model_v2 import UnifiedVoice
 
-    from trainer.data.features import CONDITIONING_PREFIXES, quiet_transformers
+    from tests.fixtures.layout_fixture import RELEASE_GPT
 
     quiet_transformers()
     with torch.device("meta"):
@@ -133,7 +138,7 @@ def test_audio_is_read_downmixed_resampled_and_checked(tmp_path):
 
 
 def test_manifests_are_jsonl_or_csv_with_the_community_fields(tmp_path):
-    from trainer.data.prepare import read_splits
+    from fidel_tts.trainer.data.prepare import read_splits
 
     (tmp_path / "am.csv").write_text("id,text,audio,speaker,language\nb,ሰላም,wav/b.wav,s1,\na,ቤት,/abs/a.wav,s1,\n",
                                      encoding="utf-8-sig")
@@ -148,9 +153,9 @@ def test_manifests_are_jsonl_or_csv_with_the_community_fields(tmp_path):
 def test_pairs_are_within_speakers_and_pass_the_data_checks(tiny_project, tmp_path):
     """pair_rows on made-up features: a NaN conditioning drops every pair it prompts, codes padded past the
     clip's duration are caught, the rest reach the dataset."""
-    from trainer.data.checks import CheckContext, Tokens
-    from trainer.data.parquet import DatasetBuilder
-    from trainer.data.prepare import Utterance, pair_rows
+    from fidel_tts.trainer.data.checks import CheckContext, Tokens
+    from fidel_tts.trainer.data.parquet import DatasetBuilder
+    from fidel_tts.trainer.data.prepare import Utterance, pair_rows
 
     ctx = CheckContext.from_paths(tiny_project.tokenizer, tiny_project.base_config, CheckSettings())
     texts = tiny_project.am_texts
@@ -195,7 +200,7 @@ def corpus(tiny_project, tmp_path):
 
 def test_sigterm_stops_after_the_batch_and_the_same_command_finishes_the_same_dataset(tiny_project, tiny_models,
                                                                                      corpus, tmp_path):
-    from trainer.data.parquet import ParquetPairs
+    from fidel_tts.trainer.data.parquet import ParquetPairs
 
     whole = prepare(*prepare_args(tiny_project, tiny_models, corpus, tmp_path / "whole", batch_size=2, shard_size=3))
     assert whole.status == "completed", [f.text() for f in whole.report.findings]
@@ -241,7 +246,7 @@ def assert_sharded_by_rank_gives_the_same(tiny_project, tiny_models, corpus, tmp
 
 
 def test_bad_inputs_stop_with_one_line_before_any_work(tiny_project, tiny_models, corpus, tmp_path, capsys):
-    from flows.cli import main
+    from fidel_tts.flows.cli import main
 
     paths = tiny_models[0]
     out = tmp_path / "out"
@@ -269,7 +274,7 @@ def test_bad_inputs_stop_with_one_line_before_any_work(tiny_project, tiny_models
 
 def espeak_corpus(folder, texts: list[str], speakers, per_speaker: int, name: str):
     """Utterances spoken by espeak-ng as the demo corpus does (flows/demo/corpus.py)."""
-    from flows.demo.corpus import synthesize
+    from fidel_tts.flows.demo.corpus import synthesize
 
     rows = []
     for s, speaker in enumerate(speakers):
@@ -285,8 +290,8 @@ def espeak_corpus(folder, texts: list[str], speakers, per_speaker: int, name: st
 
 @pytest.mark.slow
 def test_the_flow_with_a_prepare_section_trains_on_espeak_audio(tiny_project, tiny_models, tmp_path, mlflow_uri):
-    from flows.demo.corpus import SPEAKERS
-    from flows.finetune import finetune
+    from fidel_tts.flows.demo.corpus import SPEAKERS
+    from fidel_tts.flows.finetune import finetune
 
     paths = tiny_models[0]
     texts = [t for t in tiny_project.am_texts if len(t.split()) <= 5]

@@ -1,5 +1,6 @@
-"""The package structure holds: no import cycles, no Prefect or MLflow in trainer/, export and generate apart from
-the training loop. Imports are read with ast, module level and inside functions alike."""
+"""The package structure holds: one import package (fidel_tts) over the three folders, no import cycles between
+modules or between sub-packages, no Prefect or MLflow in trainer/, export and generate apart from the training loop.
+Imports are read with ast, module level and inside functions alike."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("trainer", "tasks", "flows")
+TOP = "fidel_tts"
+PACKAGES = ("trainer", "tasks", "flows")  # folders of the repo, installed as fidel_tts.<folder>
 
 
 def modules() -> dict[str, Path]:
@@ -15,7 +17,7 @@ def modules() -> dict[str, Path]:
     for package in PACKAGES:
         for path in sorted((ROOT / package).rglob("*.py")):
             parts = path.relative_to(ROOT).with_suffix("").parts
-            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+            found[".".join((TOP, *(parts[:-1] if parts[-1] == "__init__" else parts)))] = path
     return found
 
 
@@ -40,7 +42,7 @@ def import_graph() -> dict[str, set[str]]:
 
     graph = {}
     for module, path in known.items():
-        targets = {owner(name) for name in imported_names(path) if name.split(".")[0] in PACKAGES}
+        targets = {owner(name) for name in imported_names(path) if name.split(".")[0] == TOP}
         graph[module] = {t for t in targets if t and t != module}
     return graph
 
@@ -82,13 +84,64 @@ def test_cycle_detection_sees_a_cycle():
 
 
 def test_trainer_imports_no_prefect_or_mlflow():
-    offenders = sorted(f"{module}: {name}" for module, path in modules().items() if module.startswith("trainer")
+    offenders = sorted(f"{module}: {name}" for module, path in modules().items() if module.startswith(f"{TOP}.trainer")
                        for name in imported_names(path) if name.split(".")[0] in ("prefect", "mlflow"))
     assert offenders == []
 
 
 def test_export_and_generate_do_not_import_the_training_loop():
     graph = import_graph()
+    graph = {module.removeprefix(f"{TOP}."): {t.removeprefix(f"{TOP}.") for t in targets}
+             for module, targets in graph.items()}
     assert "trainer.training.trainer" in graph
-    for module in ("trainer.ops.export", "trainer.ops.generate"):
+    for module in ("trainer.checkpoints.export", "trainer.evaluation.generate"):
         assert "trainer.training.trainer" not in graph[module], module
+
+
+def subpackage(module: str) -> str:
+    """fidel_tts.trainer.data.prepare -> fidel_tts.trainer.data; a module straight under a folder is its own."""
+    parts = module.split(".")
+    return ".".join(parts[:3]) if len(parts) > 3 or ROOT.joinpath(*parts[1:3]).is_dir() else module
+
+
+def subpackage_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    folded: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        here = subpackage(module)
+        folded.setdefault(here, set()).update(subpackage(t) for t in targets if subpackage(t) != here)
+    for targets in list(folded.values()):
+        for t in targets:
+            folded.setdefault(t, set())
+    return folded
+
+
+def test_no_two_subpackages_import_each_other():
+    assert cycles(subpackage_graph(import_graph())) == []
+
+
+def test_a_planted_two_way_import_between_subpackages_is_seen():
+    graph = {"fidel_tts.trainer.model.gpt": {"fidel_tts.trainer.training.options"},
+             "fidel_tts.trainer.training.options": set(), "fidel_tts.trainer.training.build": {"fidel_tts.trainer.model.vocab"},
+             "fidel_tts.trainer.model.vocab": set()}
+    assert cycles(subpackage_graph(graph)) == [["fidel_tts.trainer.model", "fidel_tts.trainer.training"]]
+
+
+def test_nothing_imports_the_folders_as_top_level_packages():
+    """trainer/tasks/flows/fixtures are importable from the repo root by accident only: the installed names are
+    fidel_tts.* (and tests.fixtures for the test helpers)."""
+    offenders = []
+    for path in sorted(ROOT.glob("**/*.py")):
+        if any(part in (".venv", "build", "demo", "runs") for part in path.relative_to(ROOT).parts):
+            continue
+        offenders += [f"{path.relative_to(ROOT)}: {name}" for name in imported_names(path)
+                      if name.split(".")[0] in (*PACKAGES, "fixtures")]
+    assert offenders == []
+
+
+def test_the_wheel_lists_every_folder_with_an_init():
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {".".join((TOP, *init.parent.relative_to(ROOT).parts)) for package in PACKAGES
+               for init in (ROOT / package).rglob("__init__.py")}
+    assert listed == folders

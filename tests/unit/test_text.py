@@ -1,8 +1,7 @@
 import unicodedata
 
 import pytest
-
-from trainer.text.normalize import (
+from fidel_tts.trainer.text.normalize import (
     ETHIOPIC_RANGES,
     ethiopic_numeral_value,
     normalize_text,
@@ -87,7 +86,7 @@ def test_script_share():
 def test_fidel_text_normalize_prints_the_training_text_for_arguments_or_stdin(capsys, monkeypatch):
     import io
 
-    from flows.cli import main as fidel
+    from fidel_tts.flows.cli import main as fidel
 
     assert fidel(["text", "normalize", "ሰላም", "ነው።", "፲፱፻፹፭"]) == 0
     assert capsys.readouterr().out == "ሰላም ነው. አንድ ሺህ ዘጠኝ መቶ ሰማንያ አምስት\n"
@@ -102,9 +101,9 @@ def amharic_sample():
     word list; every one with a numeral, most with ፣ or ፤ as well."""
     import random
 
-    from fixtures.synthetic import AMHARIC_WORDS
+    from fidel_tts.flows.demo.corpus import _amharic_sentence
 
-    from flows.demo.corpus import _amharic_sentence
+    from tests.fixtures.synthetic import AMHARIC_WORDS
 
     rng = random.Random(0)
     out = []
@@ -120,12 +119,17 @@ def test_fidel_normalisation_through_upstreams_front_end_gives_the_training_ids(
     pytest.importorskip("indextts.utils.front")
     import random
 
-    from fixtures.synthetic import ENGLISH_WORDS
+    from fidel_tts.flows.demo.corpus import _english_sentence
+    from fidel_tts.trainer.text.normalize import FidelTextTokenizer
+    from fidel_tts.trainer.text.tokenizer import (
+        encode,
+        extend_tokenizer,
+        load_tokenizer,
+        train_base_tokenizer,
+    )
     from indextts.utils.front import TextNormalizer, TextTokenizer
 
-    from flows.demo.corpus import _english_sentence
-    from trainer.text.normalize import FidelTextTokenizer
-    from trainer.text.tokenizer import encode, extend_tokenizer, load_tokenizer, train_base_tokenizer
+    from tests.fixtures.synthetic import ENGLISH_WORDS
 
     # a base that knows , . ? ! as the official one does, extended on the sample: no <unk> in the training ids
     rng = random.Random(1)

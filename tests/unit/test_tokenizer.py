@@ -6,11 +6,9 @@ import time
 from pathlib import Path
 
 import pytest
-from sentencepiece import sentencepiece_model_pb2 as model_pb2
-
-from trainer.errors import FidelError
-from trainer.text.normalize import is_script_char, normalize_text
-from trainer.text.tokenizer import (
+from fidel_tts.trainer.errors import FidelError
+from fidel_tts.trainer.text.normalize import is_script_char, normalize_text
+from fidel_tts.trainer.text.tokenizer import (
     BASE_SAMPLES,
     NORMAL,
     USER_DEFINED,
@@ -25,6 +23,7 @@ from trainer.text.tokenizer import (
     verify_tokenizer,
     write_model,
 )
+from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 REFERENCE = Path(__file__).resolve().parents[1] / "data" / "bpe.model"  # the official base tokenizer (data/README.md)
 
@@ -404,7 +403,7 @@ def test_corpus_too_small_for_target_names_corpus_and_numbers(small_base, tmp_pa
 # ----------------------------------------------------------------------------- command line
 
 def run_cli(argv: list[str]) -> int:
-    from flows.cli import main
+    from fidel_tts.flows.cli import main
 
     return main(argv)
 

@@ -3,17 +3,16 @@ import signal
 
 import pytest
 import torch
-
-from trainer.data.loader import training_data
-from trainer.data.manifest import BucketBatchSampler
-from trainer.errors import FidelError
-from trainer.model.weights import torch_load
-from trainer.ops.export import export_model
-from trainer.ops.gates import exported_base_rows_identical
-from trainer.training.checkpoint import list_checkpoints, load_checkpoint
-from trainer.training.hooks import TrainHooks
-from trainer.training.optim import lr_factor
-from trainer.training.trainer import train
+from fidel_tts.trainer.checkpoints.export import export_model
+from fidel_tts.trainer.data.loader import training_data
+from fidel_tts.trainer.data.manifest import BucketBatchSampler
+from fidel_tts.trainer.errors import FidelError
+from fidel_tts.trainer.evaluation.gates import exported_base_rows_identical
+from fidel_tts.trainer.model.weights import torch_load
+from fidel_tts.trainer.training.checkpoint import list_checkpoints, load_checkpoint
+from fidel_tts.trainer.training.hooks import TrainHooks
+from fidel_tts.trainer.training.optim import lr_factor
+from fidel_tts.trainer.training.trainer import train
 
 
 def test_losses_fall_and_base_rows_stay_bit_identical(tiny_project, make_train_config, tmp_path):
@@ -113,7 +112,7 @@ def test_resume_with_another_batch_size_warns_and_records_the_rule(tiny_project,
 
 
 def test_the_best_validation_checkpoint_is_kept(tiny_project, make_train_config, tmp_path, monkeypatch):
-    import trainer.training.validator as validator_module
+    import fidel_tts.trainer.training.validator as validator_module
 
     scores = iter([5.0, 1.0, 4.0, 3.0, 2.0, 6.0, 7.0, 8.0])  # validation at steps 0, 5, 10, …: best at step 5
     original = validator_module.evaluate
@@ -158,7 +157,7 @@ def test_keeps_only_the_last_checkpoints(tiny_project, make_train_config, tmp_pa
 
 
 def test_non_finite_loss_fails_without_saving(tiny_project, make_train_config, tmp_path, monkeypatch):
-    from trainer.model import gpt as model_module
+    from fidel_tts.trainer.model import gpt as model_module
 
     original = model_module.UnifiedVoiceGPT.loss_sums
 
@@ -191,13 +190,13 @@ def test_bad_inputs_name_the_file(tiny_project, make_train_config, tmp_path):
 
 def tiny_step_setup(device: str, fused: bool):
     """A 2-layer model, its optimizer and a watch, as the training loop builds them (fused: as on CUDA)."""
-    from trainer.model.config import GPTConfig
-    from trainer.model.gpt import UnifiedVoiceGPT
-    from trainer.training.distributed import Dist
-    from trainer.training.metrics import MetricWindow, NonFiniteWatch
-    from trainer.training.optim import param_groups
-    from trainer.training.options import TrainConfig
-    from trainer.training.step import LossModel, skips_on_device
+    from fidel_tts.trainer.model.config import GPTConfig
+    from fidel_tts.trainer.model.gpt import UnifiedVoiceGPT
+    from fidel_tts.trainer.process import Dist
+    from fidel_tts.trainer.training.metrics import MetricWindow, NonFiniteWatch
+    from fidel_tts.trainer.training.optim import param_groups
+    from fidel_tts.trainer.training.options import TrainConfig
+    from fidel_tts.trainer.training.step import LossModel, skips_on_device
 
     cfg = GPTConfig(model_dim=32, layers=2, heads=2, max_text_tokens=40, max_mel_tokens=80, number_text_tokens=60,
                     number_mel_codes=34, start_mel_token=32, stop_mel_token=33)
@@ -212,7 +211,7 @@ def tiny_step_setup(device: str, fused: bool):
 
 
 def tiny_batch(poisoned: bool = False):
-    from trainer.model.gpt import Batch
+    from fidel_tts.trainer.model.gpt import Batch
 
     g = torch.Generator().manual_seed(0)
     condition = torch.randn(2, 32, 32, generator=g)
@@ -224,8 +223,8 @@ def tiny_batch(poisoned: bool = False):
 
 
 def run_step(setup, step: int, poisoned: bool = False) -> torch.Tensor:
-    from trainer.training.distributed import Dist
-    from trainer.training.step import accumulate, optimizer_step
+    from fidel_tts.trainer.process import Dist
+    from fidel_tts.trainer.training.step import accumulate, optimizer_step
 
     model, wrapped, optimizer, scheduler, scaler, watch, tc, window = setup
     device = next(model.parameters()).device
@@ -258,7 +257,7 @@ def test_a_non_finite_step_moves_no_weight(device, fused):
 
 
 def test_an_infinite_loss_with_finite_gradients_still_poisons_them():
-    from trainer.training.step import nan_unless_finite
+    from fidel_tts.trainer.training.step import nan_unless_finite
 
     x = torch.tensor(1.0, requires_grad=True)
     (x + float("inf")).backward()
@@ -274,8 +273,8 @@ def test_an_infinite_loss_with_finite_gradients_still_poisons_them():
 def test_a_non_finite_step_skipped_on_the_device_fails_at_the_next_flush(tiny_project, make_train_config, tmp_path,
                                                                          monkeypatch):
     """The CUDA path on CPU (fused AdamW): step 3 is bad, the loop notices at its log flush at step 5."""
-    import trainer.training.trainer as train_module
-    from trainer.model import gpt as model_module
+    import fidel_tts.trainer.training.trainer as train_module
+    from fidel_tts.trainer.model import gpt as model_module
 
     monkeypatch.setattr(train_module, "make_optimizer",
                         lambda groups, device: torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, fused=True))
@@ -342,7 +341,7 @@ def test_cuda_steps_between_flushes_make_no_host_sync(tiny_project, make_train_c
                                                       compile):
     """Every step between two metric flushes runs under torch.cuda.set_sync_debug_mode("error"): a host sync
     there (an .item(), a boolean mask index, a blocking copy) raises."""
-    import trainer.training.trainer as train_module
+    import fidel_tts.trainer.training.trainer as train_module
 
     original_failure, original_step, strict_steps = train_module.NonFiniteWatch.failure, train_module.optimizer_step, []
 
@@ -370,8 +369,8 @@ def test_cuda_steps_between_flushes_make_no_host_sync(tiny_project, make_train_c
 
 @pytest.mark.gpu
 def test_cuda_batches_arrive_pinned(tiny_project):
-    from trainer.training.options import TrainConfig
-    from trainer.training.step import micro_batch_loader
+    from fidel_tts.trainer.training.options import TrainConfig
+    from fidel_tts.trainer.training.step import micro_batch_loader
 
     data = training_data([tiny_project.train_manifest], [tiny_project.val_manifest], 8, 1234)
     tc = TrainConfig([], [], "", "", "")

@@ -5,13 +5,12 @@ from __future__ import annotations
 import time
 from types import SimpleNamespace
 
+import fidel_tts.trainer.training.validator as validator_module
 import torch
-
-import trainer.training.validator as validator_module
-from trainer.training.checkpointer import Checkpointer
-from trainer.training.distributed import Dist
-from trainer.training.options import TrainConfig
-from trainer.training.validator import Validator
+from fidel_tts.trainer.process import Dist
+from fidel_tts.trainer.training.checkpointer import Checkpointer
+from fidel_tts.trainer.training.options import TrainConfig
+from fidel_tts.trainer.training.validator import Validator
 
 CPU = torch.device("cpu")
 

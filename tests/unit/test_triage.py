@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures.community_run import Project, TrainerFlags, community_run, prune_export
+from fidel_tts.trainer.checkpoints.triage import Reference, TriagePolicy, triage_path
+from fidel_tts.trainer.model.weights import torch_load
 
-from trainer.model.weights import torch_load
-from trainer.ops.triage import Reference, TriagePolicy, triage_path
+from tests.fixtures.community_run import Project, TrainerFlags, community_run, prune_export
 
 FP16 = TrainerFlags(amp="float16")
 WEBUI = TrainerFlags(learning_rate=5e-5, weight_decay=1e-5, warmup_steps=4000, amp="float16")
@@ -164,7 +164,7 @@ def test_latest_pth_loads_with_its_torch_version_and_numpy_rng(runs):
 
 @pytest.mark.slow
 def test_fidel_checkpoints_young_and_old_resume_with_lineage(runs, make_train_config, tmp_path):
-    from trainer.training.trainer import train
+    from fidel_tts.trainer.training.trainer import train
 
     p = runs["project"]
     tc = make_train_config(p, tmp_path / "fidel", max_steps=6, save_interval=1, keep_last=10, val_interval=3)
@@ -231,8 +231,8 @@ def test_decision_is_json_and_markdown(runs):
 
 
 def test_cli_prints_the_table_writes_json_and_exits_by_finding(runs, tmp_path, capsys):
-    from flows.cli import main
-    from trainer.errors import EXIT_HOSTILE, EXIT_QUARANTINED, EXIT_REFUSED
+    from fidel_tts.flows.cli import main
+    from fidel_tts.trainer.errors import EXIT_HOSTILE, EXIT_QUARANTINED, EXIT_REFUSED
 
     p = runs["project"]
     ref = ["--base", str(p.base_checkpoint), "--tokenizer", str(p.tokenizer)]

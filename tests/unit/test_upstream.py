@@ -23,15 +23,11 @@ import torch
 import torch.nn.functional as F
 
 model_v2 = pytest.importorskip("indextts.gpt.model_v2")
-from fixtures.layout_fixture import SMALL_CONDITIONING, write_layout_fixture  # noqa: E402
-from fixtures.synthetic import tiny_config_dict  # noqa: E402
-from indextts.utils.checkpoint import load_checkpoint  # noqa: E402
-from transformers import DynamicCache  # noqa: E402
-
-from flows.cli import main as fidel  # noqa: E402
-from trainer.data.loader import training_data  # noqa: E402
-from trainer.model.config import gpt_config_from_dict, read_config_yaml  # noqa: E402
-from trainer.model.gpt import (  # noqa: E402
+from fidel_tts.flows.cli import main as fidel  # noqa: E402
+from fidel_tts.trainer.data.loader import training_data  # noqa: E402
+from fidel_tts.trainer.evaluation.generate import greedy_codes  # noqa: E402
+from fidel_tts.trainer.model.config import gpt_config_from_dict, read_config_yaml  # noqa: E402
+from fidel_tts.trainer.model.gpt import (  # noqa: E402
     SPLIT_KEYS,
     Batch,
     UnifiedVoiceGPT,
@@ -39,11 +35,15 @@ from trainer.model.gpt import (  # noqa: E402
     load_upstream_state_dict,
     upstream_state_dict,
 )
-from trainer.model.weights import same_bytes  # noqa: E402
-from trainer.ops.generate import greedy_codes  # noqa: E402
-from trainer.text.tokenizer import load_tokenizer  # noqa: E402
-from trainer.training.checkpoint import list_checkpoints  # noqa: E402
-from trainer.training.trainer import train  # noqa: E402
+from fidel_tts.trainer.model.weights import same_bytes  # noqa: E402
+from fidel_tts.trainer.text.tokenizer import load_tokenizer  # noqa: E402
+from fidel_tts.trainer.training.checkpoint import list_checkpoints  # noqa: E402
+from fidel_tts.trainer.training.trainer import train  # noqa: E402
+from indextts.utils.checkpoint import load_checkpoint  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
+
+from tests.fixtures.layout_fixture import SMALL_CONDITIONING, write_layout_fixture  # noqa: E402
+from tests.fixtures.synthetic import tiny_config_dict  # noqa: E402
 
 TOL = 1e-5
 GREEDY_CODES = 20

@@ -6,14 +6,19 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from trainer.errors import FidelError
-from trainer.model.config import GPTConfig
-from trainer.model.gpt import SPLIT_KEYS, UnifiedVoiceGPT, upstream_state_dict
-from trainer.model.translit import syllable, table_sha256, transliterate
-from trainer.model.vocab import BaseSpeller, base_processor, extended_model, new_rows_init, subtoken_ids
-from trainer.model.weights import BaseCheckpoint
-from trainer.text.tokenizer import load_tokenizer
+from fidel_tts.trainer.errors import FidelError
+from fidel_tts.trainer.model.config import GPTConfig
+from fidel_tts.trainer.model.gpt import SPLIT_KEYS, UnifiedVoiceGPT, upstream_state_dict
+from fidel_tts.trainer.model.translit import syllable, table_sha256, transliterate
+from fidel_tts.trainer.model.vocab import (
+    BaseSpeller,
+    base_processor,
+    extended_model,
+    new_rows_init,
+    subtoken_ids,
+)
+from fidel_tts.trainer.model.weights import BaseCheckpoint
+from fidel_tts.trainer.text.tokenizer import load_tokenizer
 
 
 @pytest.mark.parametrize("word, latin", [
@@ -129,8 +134,8 @@ def test_subtoken_needs_the_tokenizer_and_unknown_methods_are_refused():
 
 
 def test_init_record_is_in_the_checkpoint(tiny_project, make_train_config, tmp_path):
-    from trainer.training.checkpoint import list_checkpoints, load_checkpoint
-    from trainer.training.trainer import train
+    from fidel_tts.trainer.training.checkpoint import list_checkpoints, load_checkpoint
+    from fidel_tts.trainer.training.trainer import train
 
     result = train(make_train_config(tiny_project, tmp_path / "out", max_steps=2, save_interval=2, val_interval=2,
                                      init="subtoken", seed=7))

@@ -11,19 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures.layout_fixture import RELEASE_GPT, SMALL_CONDITIONING, layout_state_dict
-from fixtures.synthetic import tiny_config_dict
-
-from trainer.errors import FidelError
-from trainer.hashing import file_sha256
-from trainer.model.config import gpt_config_from_dict
-from trainer.model.weights import (
+from fidel_tts.trainer.errors import FidelError
+from fidel_tts.trainer.hashing import file_sha256
+from fidel_tts.trainer.model.config import gpt_config_from_dict
+from fidel_tts.trainer.model.weights import (
     load_base_checkpoint,
     read_state_dict,
     same_bytes,
     torch_load,
     upstream_layout,
 )
+
+from tests.fixtures.layout_fixture import RELEASE_GPT, SMALL_CONDITIONING, layout_state_dict
+from tests.fixtures.synthetic import tiny_config_dict
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -258,10 +258,10 @@ def test_fine_tuning_the_base_language_with_the_base_tokenizer_itself(tiny_proje
     """N = B (a new speaker, no new rows but row B): the default init once crashed hashing a stride-0 tensor."""
     import random as stdlib_random
 
-    from fixtures.synthetic import ENGLISH_WORDS, sentences, write_pairs
+    from fidel_tts.flows.cli import main as fidel
+    from fidel_tts.trainer.text.tokenizer import load_tokenizer
 
-    from flows.cli import main as fidel
-    from trainer.text.tokenizer import load_tokenizer
+    from tests.fixtures.synthetic import ENGLISH_WORDS, sentences, write_pairs
 
     p = tiny_project
     sp = load_tokenizer(p.base_tokenizer)
@@ -280,7 +280,7 @@ def test_fine_tuning_the_base_language_with_the_base_tokenizer_itself(tiny_proje
 
 
 def test_hashes_and_byte_comparisons_take_expanded_tensors():
-    from trainer.model.weights import tensor_sha256
+    from fidel_tts.trainer.model.weights import tensor_sha256
 
     expanded = torch.tensor(0.5).expand(1).clone()  # size-1 dim, stride 0: "contiguous", yet no byte view
     assert expanded.stride() == (0,)

@@ -21,14 +21,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import soundfile
-
-from trainer.data.manifest import FRAME_RATE, Pair, read_manifest, read_npy, split_manifest_spec
-from trainer.errors import FidelError
-from trainer.hashing import file_sha256
-from trainer.markdown import bullets, escape, table
-from trainer.model.config import GPTConfig, load_gpt_config
-from trainer.text.normalize import normalize_text, script_share
-from trainer.text.tokenizer import load_tokenizer
+from fidel_tts.trainer.data.manifest import FRAME_RATE, Pair, read_manifest, read_npy, split_manifest_spec
+from fidel_tts.trainer.errors import FidelError
+from fidel_tts.trainer.hashing import file_sha256
+from fidel_tts.trainer.markdown import bullets, escape, table
+from fidel_tts.trainer.model.config import GPTConfig, load_gpt_config
+from fidel_tts.trainer.text.normalize import normalize_text, script_share
+from fidel_tts.trainer.text.tokenizer import load_tokenizer
 
 DROPPED, REPAIRED = "dropped", "repaired"
 # check -> (action, what it means); the report lists them in this order

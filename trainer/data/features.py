@@ -21,10 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from trainer.errors import FidelError
-from trainer.model.config import read_config_yaml, write_config_yaml
-from trainer.model.weights import first_line, read_state_dict, torch_load
+from fidel_tts.trainer.errors import FidelError
+from fidel_tts.trainer.model.config import read_config_yaml, write_config_yaml
+from fidel_tts.trainer.model.weights import first_line, read_state_dict, torch_load
 
 SAMPLE_RATE = 16000
 HIDDEN_LAYER = 17  # upstream's get_emb: hidden_states[17]

@@ -8,16 +8,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
-from trainer.data.manifest import (
+from fidel_tts.trainer.data.manifest import (
     BucketBatchSampler,
     PairDataset,
     read_manifests,
     sorted_batches,
     split_manifest_spec,
 )
-from trainer.data.parquet import ParquetPairs
-from trainer.errors import FidelError
+from fidel_tts.trainer.data.parquet import ParquetPairs
+from fidel_tts.trainer.errors import FidelError
 
 
 @dataclass

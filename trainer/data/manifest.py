@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from trainer.errors import FidelError
-from trainer.model.gpt import Batch
+from fidel_tts.trainer.errors import FidelError
+from fidel_tts.trainer.model.gpt import Batch
 
 # field -> accepted JSON types; the emotion vector comes from prompt_emo_vec_path, else target_emo_vec_path
 PAIRED_FIELDS: dict[str, tuple[type, ...]] = {

@@ -22,12 +22,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-
-from trainer.data.checks import CheckContext, CheckSettings, DataReport, RowArrays, RowSink, run_checks
-from trainer.data.manifest import Example, Pair, split_manifest_spec
-from trainer.errors import FidelError
-from trainer.hashing import file_sha256
-from trainer.model.config import GPTConfig
+from fidel_tts.trainer.data.checks import (
+    CheckContext,
+    CheckSettings,
+    DataReport,
+    RowArrays,
+    RowSink,
+    run_checks,
+)
+from fidel_tts.trainer.data.manifest import Example, Pair, split_manifest_spec
+from fidel_tts.trainer.errors import FidelError
+from fidel_tts.trainer.hashing import file_sha256
+from fidel_tts.trainer.model.config import GPTConfig
 
 FORMAT = "fidel-pairs/1"
 ROW_GROUP_BYTES = 32 << 20

@@ -31,8 +31,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
-
-from trainer.data.checks import (
+from fidel_tts.trainer.data.checks import (
     DROPPED,
     CheckContext,
     CheckSettings,
@@ -46,7 +45,7 @@ from trainer.data.checks import (
     float_problem,
     text_problems,
 )
-from trainer.data.features import (
+from fidel_tts.trainer.data.features import (
     SAMPLE_RATE,
     AudioLimits,
     FeatureModels,
@@ -55,15 +54,14 @@ from trainer.data.features import (
     read_audio,
     require_upstream,
 )
-from trainer.data.manifest import Pair, pick_prompts, read_manifest_lines, split_manifest_spec
-from trainer.data.parquet import DatasetBuilder, guard_outputs, read_dataset_info, write_dataset
-from trainer.errors import FidelError
-from trainer.hashing import file_sha256
-from trainer.model.config import read_config_yaml
-from trainer.training.build import resolve_device
-from trainer.training.checkpoint import atomic_write_bytes, atomic_write_json
-from trainer.training.distributed import Dist, StopRequest
-from trainer.training.options import check, device_problem, option
+from fidel_tts.trainer.data.manifest import Pair, pick_prompts, read_manifest_lines, split_manifest_spec
+from fidel_tts.trainer.data.parquet import DatasetBuilder, guard_outputs, read_dataset_info, write_dataset
+from fidel_tts.trainer.errors import FidelError
+from fidel_tts.trainer.files import atomic_write_bytes, atomic_write_json
+from fidel_tts.trainer.hashing import file_sha256
+from fidel_tts.trainer.model.config import read_config_yaml
+from fidel_tts.trainer.options import check, option
+from fidel_tts.trainer.process import Dist, StopRequest, device_problem, resolve_device
 
 UTTERANCE_FIELDS = ("id", "text", "audio", "speaker")
 PREPARE_PATHS = ("checkpoint_dir", "w2v_bert", "codec")  # resolved against run.yaml's folder

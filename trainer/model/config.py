@@ -6,8 +6,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
-
-from trainer.errors import FidelError
+from fidel_tts.trainer.errors import FidelError
 
 REQUIRED_GPT_FIELDS = (
     "model_dim", "layers", "heads", "max_text_tokens", "max_mel_tokens",

@@ -17,10 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fidel_tts.trainer.model.config import GPTConfig
 from torch.utils.checkpoint import checkpoint
-
-from trainer.model.config import GPTConfig
-from trainer.training.options import FREEZE_MODES  # defined with the --freeze option
 
 DROPOUT = 0.1  # GPT2Config as upstream builds it: resid, embd and attn dropout all 0.1
 LAYER_NORM_EPS = 1e-5
@@ -236,6 +234,9 @@ class HookedHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, *self.weight_and_bias())
+
+
+FREEZE_MODES = ("split", "hooks")  # how the base rows stay frozen: the --freeze option's choices
 
 
 @dataclass

@@ -18,16 +18,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from fidel_tts.trainer.errors import FidelError
+from fidel_tts.trainer.model import translit
+from fidel_tts.trainer.model.config import GPTConfig
+from fidel_tts.trainer.model.gpt import SPLIT_KEYS, UnifiedVoiceGPT, load_upstream_state_dict
+from fidel_tts.trainer.model.weights import BaseCheckpoint, tensor_sha256
+from fidel_tts.trainer.text.tokenizer import load_tokenizer
 from sentencepiece import SentencePieceProcessor
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
-from trainer.errors import FidelError
-from trainer.model import translit
-from trainer.model.config import GPTConfig
-from trainer.model.gpt import SPLIT_KEYS, UnifiedVoiceGPT, load_upstream_state_dict
-from trainer.model.weights import BaseCheckpoint, tensor_sha256
-from trainer.text.tokenizer import load_tokenizer
-from trainer.training.options import INIT_METHODS  # defined with the --init option
+INIT_METHODS = ("subtoken", "mean", "random")  # how new rows start: the --init option's choices
 
 
 @dataclass

@@ -26,9 +26,9 @@ try:
 except ImportError:  # pragma: no cover - numpy 1.x
     from numpy.core import multiarray as np_multiarray
 
-from trainer.errors import FidelError
-from trainer.model.config import GPTConfig
-from trainer.model.gpt import SPLIT_KEYS, UnifiedVoiceGPT, is_training_path_key, upstream_state_dict
+from fidel_tts.trainer.errors import FidelError
+from fidel_tts.trainer.model.config import GPTConfig
+from fidel_tts.trainer.model.gpt import SPLIT_KEYS, UnifiedVoiceGPT, is_training_path_key, upstream_state_dict
 
 DROPPED_PREFIXES = ("inference_model.", "gpt.wte.")  # aliases post_init_gpt2_config adds; upstream drops them
 WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")  # DDP, Accelerate's GPTLossWrapper, torch.compile

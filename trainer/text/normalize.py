@@ -125,7 +125,7 @@ class FidelTextTokenizer:
     they are and reads "12" as Chinese. Put this one in its place after loading IndexTTS2:
 
         from indextts.infer_v2 import IndexTTS2
-        from trainer.text.normalize import FidelTextTokenizer
+        from fidel_tts.trainer.text.normalize import FidelTextTokenizer
 
         tts = IndexTTS2(model_dir="checkpoints")  # the release folder, fidel's exported three files in place
         tts.tokenizer = FidelTextTokenizer(tts.bpe_path)

@@ -14,14 +14,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import sentencepiece as spm
+from fidel_tts.trainer.errors import FidelError
+from fidel_tts.trainer.hashing import file_sha256, sha256_bytes
+from fidel_tts.trainer.markdown import bullets, table
+from fidel_tts.trainer.report import Check
+from fidel_tts.trainer.text.normalize import is_script_char, normalize_text, script_share
 from google.protobuf.message import DecodeError
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
-
-from trainer.errors import FidelError
-from trainer.hashing import file_sha256, sha256_bytes
-from trainer.markdown import bullets, table
-from trainer.report import Check
-from trainer.text.normalize import is_script_char, normalize_text, script_share
 
 Piece = model_pb2.ModelProto.SentencePiece
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = (

@@ -11,32 +11,30 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from trainer.data.checks import check_training_pairs
-from trainer.data.manifest import BucketBatchSampler
-from trainer.data.parquet import check_training_rows
-from trainer.errors import FidelError
-from trainer.hashing import file_sha256
-from trainer.model.config import GPTConfig, load_gpt_config, read_config_yaml
-from trainer.model.gpt import UnifiedVoiceGPT
-from trainer.model.vocab import InitRecord, extended_model
-from trainer.model.weights import base_checkpoint_rows_hash, load_base_checkpoint, model_base_rows_hash
-from trainer.text.tokenizer import check_base_pieces, load_model_proto, load_tokenizer
-from trainer.training.checkpoint import is_fidel_checkpoint, latest_valid_checkpoint, verify_checkpoint
-from trainer.training.distributed import Dist, any_rank, from_rank0
-from trainer.training.options import TrainConfig
+from fidel_tts.trainer.data.checks import check_training_pairs
+from fidel_tts.trainer.data.manifest import BucketBatchSampler
+from fidel_tts.trainer.data.parquet import check_training_rows
+from fidel_tts.trainer.errors import FidelError
+from fidel_tts.trainer.hashing import file_sha256
+from fidel_tts.trainer.model.config import GPTConfig, load_gpt_config, read_config_yaml
+from fidel_tts.trainer.model.gpt import UnifiedVoiceGPT
+from fidel_tts.trainer.model.vocab import InitRecord, extended_model
+from fidel_tts.trainer.model.weights import (
+    base_checkpoint_rows_hash,
+    load_base_checkpoint,
+    model_base_rows_hash,
+)
+from fidel_tts.trainer.process import Dist
+from fidel_tts.trainer.text.tokenizer import check_base_pieces, load_model_proto, load_tokenizer
+from fidel_tts.trainer.training.checkpoint import (
+    is_fidel_checkpoint,
+    latest_valid_checkpoint,
+    verify_checkpoint,
+)
+from fidel_tts.trainer.training.distributed import any_rank, from_rank0
+from fidel_tts.trainer.training.options import TrainConfig
 
 FROZEN_BUFFERS = ("text_embedding.base", "text_head.base_weight", "text_head.base_bias")
-
-
-def resolve_device(name: str, env: Dist) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and env.enabled:
-        device = torch.device("cuda", env.local_rank)
-        torch.cuda.set_device(device)
-    return device
 
 
 def trainable_state(model: UnifiedVoiceGPT) -> dict:

@@ -14,16 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
-from trainer.errors import FidelError
-from trainer.model.gpt import UnifiedVoiceGPT
-from trainer.model.weights import model_base_rows_hash
-from trainer.training.build import load_trainable, recorded_config, trainable_state
-from trainer.training.checkpoint import Saved, prune_checkpoints, rng_state, set_rng_state
-from trainer.training.distributed import Dist, any_ranks
-from trainer.training.options import TrainConfig
-from trainer.training.step import Position
-from trainer.training.writer import AsyncCheckpointWriter
+from fidel_tts.trainer.errors import FidelError
+from fidel_tts.trainer.model.gpt import UnifiedVoiceGPT
+from fidel_tts.trainer.model.weights import model_base_rows_hash
+from fidel_tts.trainer.process import Dist
+from fidel_tts.trainer.training.build import load_trainable, recorded_config, trainable_state
+from fidel_tts.trainer.training.checkpoint import Saved, prune_checkpoints, rng_state, set_rng_state
+from fidel_tts.trainer.training.distributed import any_ranks
+from fidel_tts.trainer.training.options import TrainConfig
+from fidel_tts.trainer.training.step import Position
+from fidel_tts.trainer.training.writer import AsyncCheckpointWriter
 
 
 @dataclass

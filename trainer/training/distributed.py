@@ -13,61 +13,17 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 import uuid
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import NoReturn
 
 import torch
 import torch.distributed as dist
-
-from trainer.errors import EXIT_PREEMPTED, FidelError
+from fidel_tts.trainer.errors import EXIT_PREEMPTED, FidelError
+from fidel_tts.trainer.process import Dist
 
 NODE_RANK_ENV, NNODES_ENV = "FIDEL_NODE_RANK", "FIDEL_NNODES"  # from the launcher to its workers
 RENDEZVOUS_JOIN_S = 1800  # node 0 joins only after the flow's data checks: the others wait that long
-
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-
-class StopRequest:
-    """First SIGTERM/SIGINT asks for a stop after the current step; a second one exits at once."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        self.previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self.previous[sig] = signal.signal(sig, self.handle)
-        return self
-
-    def handle(self, signum, frame):
-        if self.signal is not None:
-            os._exit(128 + signum)
-        self.signal = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    @property
-    def requested(self) -> bool:
-        return self.signal is not None
 
 
 def init_from_env(device_type: str) -> Dist:
@@ -212,7 +168,7 @@ def launch_torchrun(nproc: int, argv: list[str], nnodes: int = 1, node_rank: int
 
     tell_workers(nnodes, node_rank)
     try:
-        torchrun([*torchrun_args(nproc, nnodes, node_rank, rdzv_endpoint), "-m", "flows.cli", *argv])
+        torchrun([*torchrun_args(nproc, nnodes, node_rank, rdzv_endpoint), "-m", "fidel_tts.flows.cli", *argv])
     except SystemExit as exc:
         return int(exc.code or 0)
     except SignalException as exc:

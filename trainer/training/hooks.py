@@ -7,8 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.model.gpt import UnifiedVoiceGPT
-from trainer.training.build import ForeignResume
+from fidel_tts.trainer.model.gpt import UnifiedVoiceGPT
+from fidel_tts.trainer.training.build import ForeignResume
 
 
 @dataclass
@@ -24,7 +24,7 @@ class TrainHooks:
     on_progress: Callable[[int, int, dict], None] = lambda step, total, metrics: None
     on_warning: Callable[[str], None] = lambda message: print(f"warning: {message}", file=sys.stderr)
     # --resume FILE of another trainer's checkpoint: the fidel checkpoint to resume from instead (fidel train
-    # passes the community import, trainer.ops.experimental.community_resume); None refuses such a file
+    # passes the community import, trainer.checkpoints.experimental.community_resume); None refuses such a file
     on_foreign_resume: ForeignResume | None = None
     # evaluation gates at each validation: return a reason to stop (training saves and ends "failed"), or None
     on_validation: Callable[[int, dict, list[dict], UnifiedVoiceGPT], str | None] = \

@@ -7,10 +7,10 @@ import math
 from contextlib import contextmanager
 
 import torch
-
-from trainer.data.manifest import collate
-from trainer.model.gpt import Batch, UnifiedVoiceGPT
-from trainer.training.distributed import Dist, all_reduce_sum
+from fidel_tts.trainer.data.manifest import collate
+from fidel_tts.trainer.model.gpt import Batch, UnifiedVoiceGPT
+from fidel_tts.trainer.process import Dist
+from fidel_tts.trainer.training.distributed import all_reduce_sum
 
 
 class MetricWindow:

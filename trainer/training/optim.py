@@ -5,9 +5,8 @@ from __future__ import annotations
 import math
 
 import torch
-
-from trainer.model.gpt import UnifiedVoiceGPT
-from trainer.training.options import TrainConfig
+from fidel_tts.trainer.model.gpt import UnifiedVoiceGPT
+from fidel_tts.trainer.training.options import TrainConfig
 
 NEW_ROW_PARAMS = ("text_embedding.new", "text_head.new_weight", "text_head.new_bias")
 

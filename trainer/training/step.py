@@ -13,12 +13,11 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-
-from trainer.data.manifest import collate
-from trainer.model.gpt import Batch, UnifiedVoiceGPT
-from trainer.training.distributed import Dist
-from trainer.training.metrics import MetricWindow, NonFiniteWatch, global_token_counts
-from trainer.training.options import TrainConfig
+from fidel_tts.trainer.data.manifest import collate
+from fidel_tts.trainer.model.gpt import Batch, UnifiedVoiceGPT
+from fidel_tts.trainer.process import Dist
+from fidel_tts.trainer.training.metrics import MetricWindow, NonFiniteWatch, global_token_counts
+from fidel_tts.trainer.training.options import TrainConfig
 
 
 class LossModel(torch.nn.Module):

@@ -13,13 +13,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-
-from trainer.data.loader import training_data
-from trainer.errors import FidelError
-from trainer.model.config import load_gpt_config
-from trainer.model.weights import model_base_rows_hash
-from trainer.text.tokenizer import load_tokenizer
-from trainer.training.build import (
+from fidel_tts.trainer.data.loader import training_data
+from fidel_tts.trainer.errors import FidelError
+from fidel_tts.trainer.model.config import load_gpt_config
+from fidel_tts.trainer.model.weights import model_base_rows_hash
+from fidel_tts.trainer.process import StopRequest, resolve_device
+from fidel_tts.trainer.text.tokenizer import load_tokenizer
+from fidel_tts.trainer.training.build import (
     apply_batch_change,
     build_model,
     check_base_tokenizer,
@@ -29,17 +29,16 @@ from trainer.training.build import (
     check_rows,
     effective_batch,
     lineage_of,
-    resolve_device,
     resume_on_every_rank,
 )
-from trainer.training.checkpoint import load_checkpoint, remove_stale_temp_files
-from trainer.training.checkpointer import Checkpointer, Restored
-from trainer.training.distributed import StopRequest, init_from_env
-from trainer.training.hooks import TrainHooks, TrainResult
-from trainer.training.metrics import MetricWindow, NonFiniteWatch
-from trainer.training.optim import amp_dtype, make_optimizer, make_scheduler, param_groups
-from trainer.training.options import TrainConfig
-from trainer.training.step import (
+from fidel_tts.trainer.training.checkpoint import load_checkpoint, remove_stale_temp_files
+from fidel_tts.trainer.training.checkpointer import Checkpointer, Restored
+from fidel_tts.trainer.training.distributed import init_from_env
+from fidel_tts.trainer.training.hooks import TrainHooks, TrainResult
+from fidel_tts.trainer.training.metrics import MetricWindow, NonFiniteWatch
+from fidel_tts.trainer.training.optim import amp_dtype, make_optimizer, make_scheduler, param_groups
+from fidel_tts.trainer.training.options import TrainConfig
+from fidel_tts.trainer.training.step import (
     LossModel,
     accumulate,
     fp16_scale,
@@ -48,8 +47,8 @@ from trainer.training.step import (
     rank_micro_batches,
     skips_on_device,
 )
-from trainer.training.validator import Validator
-from trainer.training.writer import AsyncCheckpointWriter
+from fidel_tts.trainer.training.validator import Validator
+from fidel_tts.trainer.training.writer import AsyncCheckpointWriter
 
 Outcome = tuple[str, str]  # (status, reason) of a loop that ends before the schedule does
 

@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
-from trainer.data.loader import TrainingData
-from trainer.model.gpt import UnifiedVoiceGPT
-from trainer.training.checkpoint import checkpoint_path
-from trainer.training.distributed import Dist, any_rank
-from trainer.training.metrics import evaluate
-from trainer.training.options import TrainConfig
+from fidel_tts.trainer.data.loader import TrainingData
+from fidel_tts.trainer.model.gpt import UnifiedVoiceGPT
+from fidel_tts.trainer.process import Dist
+from fidel_tts.trainer.training.checkpoint import checkpoint_path
+from fidel_tts.trainer.training.distributed import any_rank
+from fidel_tts.trainer.training.metrics import evaluate
+from fidel_tts.trainer.training.options import TrainConfig
 
 
 @dataclass

@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
-from trainer.training.checkpoint import Saved, save_checkpoint
+from fidel_tts.trainer.training.checkpoint import Saved, save_checkpoint
 
 
 @dataclass

@@ -7,11 +7,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-
-from trainer.markdown import bullets, escape, table
-from trainer.model.gpt import SPLIT_KEYS
-from trainer.model.weights import model_base_rows_hash, torch_load, upstream_keys_of
-from trainer.report import Check
+from fidel_tts.trainer.markdown import bullets, escape, table
+from fidel_tts.trainer.model.gpt import SPLIT_KEYS
+from fidel_tts.trainer.model.weights import model_base_rows_hash, torch_load, upstream_keys_of
+from fidel_tts.trainer.report import Check
 
 if TYPE_CHECKING:
     import torch
@@ -115,7 +114,7 @@ def inference_smoke(generated: list[tuple[int, bool, int]], min_ratio: float = 0
                     decode: str = "") -> Check:
     """generated: (codes emitted, stop code emitted, reference code length) per validation text. Every text must
     stop, with emitted/reference inside [min_ratio, max_ratio]. decode: the decode that produced them (a key of
-    trainer.ops.generate.DECODES), named in the value."""
+    trainer.evaluation.generate.DECODES), named in the value."""
     decoded_as = f", decode {decode}" if decode else ""
     if not generated:
         return Check("inference_smoke", False, f"no text decoded{decoded_as}", "nothing decoded")

@@ -13,12 +13,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-
-from trainer.errors import FidelError
-from trainer.hashing import file_sha256
-from trainer.model.config import load_gpt_config, read_config_yaml, write_config_yaml
-from trainer.model.gpt import upstream_state_dict
-from trainer.model.weights import (
+from fidel_tts.trainer.errors import FidelError
+from fidel_tts.trainer.files import atomic_write_bytes, atomic_write_json, disk_problem
+from fidel_tts.trainer.hashing import file_sha256
+from fidel_tts.trainer.model.config import load_gpt_config, read_config_yaml, write_config_yaml
+from fidel_tts.trainer.model.gpt import upstream_state_dict
+from fidel_tts.trainer.model.weights import (
     export_problems,
     export_state_dict,
     layout_problems,
@@ -27,14 +27,9 @@ from trainer.model.weights import (
     read_state_dict,
     training_shapes,
 )
-from trainer.training.build import build_model, load_trainable
-from trainer.training.checkpoint import (
-    atomic_write_bytes,
-    atomic_write_json,
-    disk_problem,
-    load_checkpoint,
-)
-from trainer.training.options import TrainConfig
+from fidel_tts.trainer.training.build import build_model, load_trainable
+from fidel_tts.trainer.training.checkpoint import load_checkpoint
+from fidel_tts.trainer.training.options import TrainConfig
 
 EXPORT_FILES = ("gpt.pth", "bpe.model", "config.yaml", "export.json")
 

@@ -13,15 +13,14 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-
-from trainer.errors import FidelError
-from trainer.hashing import file_sha256
-from trainer.markdown import bullets, escape, table
-from trainer.model.gpt import SPLIT_KEYS
-from trainer.model.vocab import new_rows_init
-from trainer.model.weights import base_rows_hash, read_state_dict, torch_load, upstream_keys_of
-from trainer.text.tokenizer import load_tokenizer
-from trainer.training.checkpoint import list_checkpoints, read_sidecar, verify_checkpoint
+from fidel_tts.trainer.errors import FidelError
+from fidel_tts.trainer.hashing import file_sha256
+from fidel_tts.trainer.markdown import bullets, escape, table
+from fidel_tts.trainer.model.gpt import SPLIT_KEYS
+from fidel_tts.trainer.model.vocab import new_rows_init
+from fidel_tts.trainer.model.weights import base_rows_hash, read_state_dict, torch_load, upstream_keys_of
+from fidel_tts.trainer.text.tokenizer import load_tokenizer
+from fidel_tts.trainer.training.checkpoint import list_checkpoints, read_sidecar, verify_checkpoint
 
 POLICIES = ("recommended", "experimental", "force-fresh", "force-resume")
 FOREIGN_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")

@@ -30,22 +30,27 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-
-from trainer.errors import FidelError
-from trainer.hashing import file_sha256
-from trainer.model.gpt import SPLIT_KEYS, is_training_path_key, load_upstream_state_dict
-from trainer.model.weights import model_base_rows_hash, read_state_dict, torch_load, upstream_keys_of
-from trainer.ops.gates import GateConfig, validation_hook
-from trainer.ops.triage import Reference, optimizer_param_names, triage_path
-from trainer.training.build import build_model, lineage_of, resolve_resume
-from trainer.training.checkpoint import atomic_write_bytes, save_checkpoint
-from trainer.training.checkpointer import Checkpointer
-from trainer.training.distributed import Dist
-from trainer.training.hooks import TrainHooks, TrainResult
-from trainer.training.optim import make_optimizer, make_scheduler, param_groups
-from trainer.training.options import TrainConfig
-from trainer.training.step import Position
-from trainer.training.trainer import train
+from fidel_tts.trainer.checkpoints.triage import Reference, optimizer_param_names, triage_path
+from fidel_tts.trainer.errors import FidelError
+from fidel_tts.trainer.evaluation.gates import GateConfig, validation_hook
+from fidel_tts.trainer.files import atomic_write_bytes
+from fidel_tts.trainer.hashing import file_sha256
+from fidel_tts.trainer.model.gpt import SPLIT_KEYS, is_training_path_key, load_upstream_state_dict
+from fidel_tts.trainer.model.weights import (
+    model_base_rows_hash,
+    read_state_dict,
+    torch_load,
+    upstream_keys_of,
+)
+from fidel_tts.trainer.process import Dist
+from fidel_tts.trainer.training.build import build_model, lineage_of, resolve_resume
+from fidel_tts.trainer.training.checkpoint import save_checkpoint
+from fidel_tts.trainer.training.checkpointer import Checkpointer
+from fidel_tts.trainer.training.hooks import TrainHooks, TrainResult
+from fidel_tts.trainer.training.optim import make_optimizer, make_scheduler, param_groups
+from fidel_tts.trainer.training.options import TrainConfig
+from fidel_tts.trainer.training.step import Position
+from fidel_tts.trainer.training.trainer import train
 
 # fidel's split parameters ← rows B..N of the community tensors
 SPLIT_SOURCES = {"text_embedding.new": "text_embedding.weight", "text_head.new_weight": "text_head.weight",

@@ -23,10 +23,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-from trainer.model.gpt import Block, UnifiedVoiceGPT
-from trainer.training.build import build_model, load_trainable
-from trainer.training.checkpoint import load_checkpoint
+from fidel_tts.trainer.model.gpt import Block, UnifiedVoiceGPT
+from fidel_tts.trainer.training.build import build_model, load_trainable
+from fidel_tts.trainer.training.checkpoint import load_checkpoint
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 DECODES = {

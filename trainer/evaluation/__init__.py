@@ -1,0 +1,1 @@
+"""Judging a trained model: decoding (generate) and the evaluation gates."""

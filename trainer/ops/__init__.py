@@ -1,1 +1,0 @@
-"""Operations on runs: checkpoint triage, experimental resume, export, generation, evaluation gates."""

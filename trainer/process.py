@@ -1,0 +1,76 @@
+"""This process: its place among the ranks (Dist), its device, and stop requests from signals (StopRequest).
+The floor that training, data preparation and the CLI all stand on."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+class StopRequest:
+    """First SIGTERM/SIGINT asks for a stop after the current step; a second one exits at once."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.signal is not None:
+            os._exit(128 + signum)
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+
+
+def resolve_device(name: str, env: Dist) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and env.enabled:
+        device = torch.device("cuda", env.local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def device_problem(name: str) -> str | None:
+    if name == "auto":
+        return None
+    import torch
+
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        return f"not a torch device (auto, cpu, cuda, cuda:N), got {name!r}"
+    return None
