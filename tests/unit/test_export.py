@@ -10,6 +10,7 @@ import torch
 from fidel_tts.flows.cli import main as fidel
 from fidel_tts.trainer.checkpoints.export import export_model
 from fidel_tts.trainer.errors import FidelError
+from fidel_tts.trainer.hashing import file_sha256
 from fidel_tts.trainer.model.config import gpt_config_from_dict, load_gpt_config, read_config_yaml
 from fidel_tts.trainer.model.gpt import (
     SPLIT_KEYS,
@@ -152,3 +153,56 @@ def test_a_from_scratch_model_exports_its_training_path(tiny_project, make_train
     cfg = load_gpt_config(tiny_project.base_config).with_text_tokens(pieces)
     assert [(k, tuple(v.shape)) for k, v in state.items()] == list(upstream_layout(cfg).items())
     assert all(v.dtype == torch.float16 for v in state.values()) and exported.record["base_rows"] == 0
+
+
+def fake_release(folder: Path, fixture) -> Path:
+    """An IndexTTS2 release folder's shape: its three replaced files and others the export must keep as they are."""
+    folder.mkdir(parents=True)
+    for name in ("gpt.pth", "bpe.model", "config.yaml"):
+        (folder / name).write_bytes(b"official " + name.encode())
+    (folder / "s2mel.pth").write_bytes(b"s2mel weights")
+    (folder / "feat1.pt").write_bytes(b"emotion matrix")
+    (folder / "qwen0.6bemo4-merge").mkdir()
+    (folder / "qwen0.6bemo4-merge" / "config.json").write_text("{}")
+    return folder
+
+
+def folder_bytes(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_export_with_a_release_is_a_complete_model_folder_and_the_release_is_only_read(
+        full_layout_project, make_train_config, tmp_path, capsys):
+    project, fixture, _ = full_layout_project
+    checkpoint = trained(project, fixture, make_train_config, tmp_path / "run")
+    release = fake_release(tmp_path / "release", fixture)
+    before = folder_bytes(release)
+    out = tmp_path / "model"
+    assert fidel(["export", str(checkpoint), "--out", str(out), "--release", str(release)]) == 0
+    capsys.readouterr()
+
+    assert folder_bytes(release) == before
+    assert sorted(folder_bytes(out)) == sorted(["gpt.pth", "bpe.model", "config.yaml", "export.json", "fidel.json",
+                                                "s2mel.pth", "feat1.pt", "qwen0.6bemo4-merge/config.json"])
+    assert (out / "s2mel.pth").read_bytes() == before["s2mel.pth"]
+    assert (out / "gpt.pth").read_bytes() != before["gpt.pth"]
+    record = json.loads((out / "fidel.json").read_text())
+    assert record["release_files_sha256"]["s2mel.pth"] == file_sha256(release / "s2mel.pth")
+    assert set(record["release_files_sha256"]) == {"s2mel.pth", "feat1.pt", "qwen0.6bemo4-merge/config.json"}
+    assert record["exported_sha256"]["gpt.pth"] == file_sha256(out / "gpt.pth")
+    assert record["lineage"]["checkpoint_sha256"] and "FidelTextTokenizer" in record["normaliser"]
+    assert "fidel speak --model" in record["run"]["fidel"]
+
+
+def test_an_export_into_its_release_is_refused_before_any_work(full_layout_project, make_train_config, tmp_path,
+                                                                capsys):
+    project, fixture, _ = full_layout_project
+    checkpoint = trained(project, fixture, make_train_config, tmp_path / "run")
+    release = fake_release(tmp_path / "release", fixture)
+    before = folder_bytes(release)
+    assert fidel(["export", str(checkpoint), "--out", str(release / "mine"), "--release", str(release)]) == 2
+    line = capsys.readouterr().err.strip()
+    assert len(line.splitlines()) == 1 and "never written to" in line
+    assert folder_bytes(release) == before
+    assert fidel(["export", str(checkpoint), "--out", str(tmp_path / "m"), "--release", str(tmp_path / "nope")]) == 2
+    assert "--release is not a folder" in capsys.readouterr().err and not (tmp_path / "m").exists()

@@ -3,11 +3,16 @@
 gpt.pth is a plain state_dict with the base file's keys in its order; only the three text tensors grow to
 N+1 rows. After writing, the file is read back and checked: keys, order and shapes, and (float32) base rows
 and pass-through tensors byte-identical to the base file. A failed check removes what was written.
+
+With a release folder (`--release DIR`, the official IndexTTS2 folder) the export is a complete model folder:
+every other file of the release is hard-linked (copied across file systems), never changed, its sha256 in
+fidel.json, so `IndexTTS2(model_dir=out)` loads it as it is. The release folder is only ever read.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,6 +37,8 @@ from fidel_tts.trainer.training.checkpoint import load_checkpoint
 from fidel_tts.trainer.training.options import TrainConfig
 
 EXPORT_FILES = ("gpt.pth", "bpe.model", "config.yaml", "export.json")
+MODEL_RECORD = "fidel.json"
+NORMALISER = "fidel_tts.trainer.text.normalize.normalize_text (FidelTextTokenizer)"
 
 
 @dataclass
@@ -75,7 +82,7 @@ def check_export_dir(out: Path) -> None:
 
 
 def remove_export(out: Path) -> None:
-    for path in (out / name for name in EXPORT_FILES):
+    for path in (out / name for name in (*EXPORT_FILES, MODEL_RECORD)):
         if path.is_file():  # unlink of a missing file on a read-only disk is EROFS, not ENOENT
             path.unlink()
 
@@ -99,14 +106,81 @@ def check_recorded_inputs(tc: TrainConfig, lineage: dict) -> None:
                                    f"with ({recorded[:12]}): not its {name}; nothing exported")
 
 
+def release_files(release: Path) -> list[Path]:
+    """The release's files that the export keeps as they are (relative paths): all but the three it replaces."""
+    return sorted(path.relative_to(release) for path in release.rglob("*")
+                  if path.is_file() and path.relative_to(release).as_posix() not in EXPORT_FILES[:3])
+
+
+def check_release(release: Path, out: Path) -> None:
+    if not release.is_dir():
+        raise FidelError(release, "--release is not a folder (the IndexTTS2 release folder: config.yaml, s2mel.pth …)")
+    if out.resolve() == release.resolve() or out.resolve().is_relative_to(release.resolve()):
+        raise FidelError(out, f"--out is inside --release {release}: the official folder is never written to")
+    taken = [str(name) for name in release_files(release) if (out / name).exists()]
+    if taken:
+        raise FidelError(out, f"already holds {', '.join(taken[:3])} of the release; choose an empty folder")
+
+
+def link_release(release: Path, out: Path) -> dict[str, str]:
+    """Hard-link (or, across file systems, copy) each release file into out; {relative path: sha256}."""
+    hashes = {}
+    for name in release_files(release):
+        source, target = release / name, out / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copy2(source, target)
+        hashes[name.as_posix()] = file_sha256(target)
+    return hashes
+
+
+def remove_release_links(release: Path, out: Path) -> None:
+    for name in release_files(release):
+        if (out / name).is_file():
+            (out / name).unlink()
+
+
+def model_record(record: dict, release: Path, release_hashes: dict[str, str], out: Path) -> dict:
+    return {
+        "lineage": {key: record[key] for key in ("lineage_id", "checkpoint", "checkpoint_sha256", "step",
+                                                  "base_checkpoint", "base_rows_sha256")},
+        "release": str(release.resolve()), "release_files_sha256": release_hashes,
+        "exported_sha256": {"gpt.pth": record["gpt_sha256"], "bpe.model": record["tokenizer_sha256"]},
+        "number_text_tokens": record["number_text_tokens"],
+        "normaliser": NORMALISER,
+        "run": {"fidel": f"fidel speak --model {out} --text TEXT --prompt VOICE.wav --out OUT.wav",
+                "python": f"tts = IndexTTS2(model_dir={str(out)!r}); tts.tokenizer = FidelTextTokenizer(tts.bpe_path)"},
+    }
+
+
+def complete_model_folder(exported: Exported, release: Path) -> None:
+    """The release's other files and fidel.json beside the export; on any failure, nothing of it is kept."""
+    out = exported.folder
+    try:
+        hashes = link_release(release, out)
+        atomic_write_json(out / MODEL_RECORD, model_record(exported.record, release, hashes, out))
+    except (OSError, FidelError) as exc:
+        problem = exc.problem if isinstance(exc, FidelError) else disk_problem(out, exc)
+        remove_release_links(release, out)
+        remove_export(out)
+        if problem is None:
+            raise
+        raise FidelError(out, f"export not written, nothing kept: {problem}") from None
+
+
 def export_model(checkpoint: str | Path, out_dir: str | Path, fp16: bool = False,
-                 base_checkpoint: str | Path | None = None) -> Exported:
+                 base_checkpoint: str | Path | None = None, release: str | Path | None = None) -> Exported:
     """Write gpt.pth (upstream keys and order), bpe.model and config.yaml into out_dir; nothing is overwritten.
 
     base_checkpoint: where the base now lives, if it moved since training; its base rows must hash as recorded.
+    release: the official IndexTTS2 folder; its other files join the export (see the module's docstring).
     """
     checkpoint, out = Path(checkpoint), Path(out_dir)
     check_export_dir(out)  # before any work
+    if release is not None:
+        check_release(Path(release), out)
     state, meta = load_checkpoint(checkpoint)
     tc = TrainConfig(**state["train_config"])
     if base_checkpoint is not None:
@@ -154,7 +228,10 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, fp16: bool = False
     except FidelError as exc:
         remove_export(out)
         raise FidelError(out, f"export not written, nothing kept: {exc.problem}") from None
-    return Exported(out, gpt, tokenizer, config, record)
+    exported = Exported(out, gpt, tokenizer, config, record)
+    if release is not None:
+        complete_model_folder(exported, Path(release))
+    return exported
 
 
 def read_export_record(folder: str | Path) -> dict | None:
