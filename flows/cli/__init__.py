@@ -16,7 +16,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 os.environ.setdefault(STARTUP_TIMEOUT, "180")
 
-from fidel_tts.flows.cli import data, export, run, tokenizer, train, triage  # noqa: E402 - after the Prefect settings
+from fidel_tts.flows.cli import data, export, run, speak, tokenizer, train, triage  # noqa: E402 - after the Prefect settings
 
 
 class Parser(argparse.ArgumentParser):
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_commands(sub)  # train, options
     triage.add_commands(sub)  # triage, experimental-resume
     export.add_commands(sub)
+    speak.add_commands(sub)
     tokenizer.add_commands(sub)
     data.add_commands(sub)
     return parser
