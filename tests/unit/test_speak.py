@@ -80,3 +80,13 @@ def test_a_text_of_unknown_characters_is_refused_in_one_line(model_folder):
     assert text_problems(model_folder, cfg, ["ሰላም"]) == []
     [problem] = text_problems(model_folder, cfg, ["ሰላም", "☃☃ ሰላም"])
     assert problem.startswith("--text 2: ") and "<unk>" in problem and "\n" not in problem
+
+
+def test_a_local_vocoder_folder_is_checked_there(tmp_path, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    vocoder = tmp_path / "bigvgan"
+    vocoder.mkdir()
+    (vocoder / "config.json").write_text("{}")
+    problems = hub_problems({"vocoder": {"name": str(vocoder)}})
+    assert f"{vocoder / 'bigvgan_generator.pt'}: the BigVGAN vocoder's file is not found" in problems
+    assert not any(str(vocoder / "config.json") in p for p in problems)

@@ -60,12 +60,19 @@ def folder_problems(folder: Path, cfg: dict) -> list[str]:
 
 def hub_problems(cfg: dict) -> list[str]:
     """One line per weight file IndexTTS2 would take from the Hugging Face cache and that is not in it."""
+    vocoder = (cfg.get("vocoder") or {}).get("name")
+    if not vocoder:
+        return ["config.yaml: names no `vocoder.name` (IndexTTS2's config.yaml does)"] + hub_files_missing(HUB_WEIGHTS)
+    if Path(vocoder).is_dir():  # BigVGAN.from_pretrained reads a local folder as it is
+        return [f"{Path(vocoder) / name}: the BigVGAN vocoder's file is not found"
+                for name in VOCODER_FILES if not (Path(vocoder) / name).is_file()] + hub_files_missing(HUB_WEIGHTS)
+    return hub_files_missing([*HUB_WEIGHTS, *((vocoder, name, "the BigVGAN vocoder") for name in VOCODER_FILES)])
+
+
+def hub_files_missing(wanted) -> list[str]:
     from huggingface_hub import try_to_load_from_cache
 
-    vocoder = (cfg.get("vocoder") or {}).get("name")
-    wanted = list(HUB_WEIGHTS) + [(vocoder, name, "the BigVGAN vocoder") for name in VOCODER_FILES if vocoder]
-    unnamed = [] if vocoder else ["config.yaml: names no `vocoder.name` (IndexTTS2's config.yaml does)"]
-    return unnamed + [f"{repo}/{name}: {what} is not in the Hugging Face cache ({hub_cache()}); nothing is downloaded at run "
+    return [f"{repo}/{name}: {what} is not in the Hugging Face cache ({hub_cache()}); nothing is downloaded at run "
             f"time: `hf download {repo} {name}` once" for repo, name, what in wanted
             if not isinstance(try_to_load_from_cache(repo, name), str)]
 
