@@ -7,6 +7,7 @@ Exit codes: 0 passed, 1 the checks found a fatal problem, 2 a bad input (one lin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -92,7 +93,8 @@ def run_prepare(args: argparse.Namespace) -> int:
     from fidel_tts.trainer.data.prepare import PrepareSettings, prepare
 
     settings = PrepareSettings(**from_args(PrepareSettings, args))
-    checks = settings_of(args)  # cond_dtype included
+    # the parsed flag is raw argparse output (a list); the settings hold the checked value
+    checks = dataclasses.replace(settings_of(args), cond_dtype=settings.cond_dtype)
     started, shown = time.monotonic(), [0.0]
 
     def progress(done: int, todo: int) -> None:

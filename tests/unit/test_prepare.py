@@ -13,6 +13,7 @@ import torch
 from fidel_tts.trainer.data.checks import CheckSettings
 from fidel_tts.trainer.data.features import (
     SAMPLE_RATE,
+    ClipAudio,
     FeatureModels,
     clip_features,
     read_audio,
@@ -54,34 +55,71 @@ def write_corpus(folder, name: str, clips: list[tuple[str, str, float, str]], se
     return manifest, rows
 
 
-def test_features_equal_what_indextts2_inference_computes(tiny_models, tmp_path):
-    """Upstream's own path for a prompt clip: IndexTTS2._get_emotion_conditioning (librosa load, extractor,
-    get_emb), semantic_codec.quantize, merge_emovec and inference_speech's conditioning latent."""
+def upstream_prompt_path(models, wav):
+    """IndexTTS2's own inference path for one prompt file, with the tiny models swapped into the real class:
+    `_get_speaker_conditioning` (its s2mel and CAMPPlus parts stubbed: they feed the vocoder, not the GPT),
+    `_get_emotion_conditioning`, merge_emovec, and inference_speech's conditioning latent."""
+    from types import SimpleNamespace
+
     from indextts.infer_v2 import IndexTTS2
 
-    paths, models = tiny_models
-    wav = tmp_path / "prompt.wav"
-    sf.write(wav, voiced(1.1, 3), SAMPLE_RATE, subtype="FLOAT")
-    tts = object.__new__(IndexTTS2)  # the real class, its models swapped for the tiny ones
+    tts = object.__new__(IndexTTS2)
     tts.extract_features, tts.semantic_model, tts.semantic_codec = models.extractor, models.w2v, models.codec
     tts.semantic_mean, tts.semantic_std, tts.gpt, tts.device = models.mean, models.std, models.gpt, "cpu"
-    tts.cache_emo_cond = tts.cache_emo_audio_prompt = None
+    tts.cache_spk_cond = tts.cache_emo_cond = tts.cache_emo_audio_prompt = tts.cache_spk_audio_prompt = None
+    tts.mel_fn = lambda audio: torch.zeros(1, 80, 10)
+    tts.campplus_model = lambda feat: None
+    tts.s2mel = SimpleNamespace(models={"length_regulator": lambda *a, **k: (None,)})
     with torch.no_grad():
-        emb = tts._get_emotion_conditioning(str(wav))
-        _, upstream_codes = tts.semantic_codec.quantize(emb)[::-1]
-        lengths = torch.tensor([emb.shape[-1]])  # upstream passes the width here: any length ≥ T masks nothing
-        upstream_emo = tts.gpt.merge_emovec(emb, emb, lengths, lengths, alpha=1.0)
+        spk, _, _, _ = tts._get_speaker_conditioning(str(wav))
+        emo = tts._get_emotion_conditioning(str(wav))
+        codes = tts.semantic_codec.quantize(spk)[0]
+        spk_len, emo_len = torch.tensor([spk.shape[-1]]), torch.tensor([emo.shape[-1]])  # upstream passes widths
+        emo_vec = tts.gpt.merge_emovec(spk, emo, spk_len, emo_len, alpha=1.0)
         tts.gpt.post_init_gpt2_config(kv_cache=True)
-        _, upstream_condition = tts.gpt.inference_speech(emb, torch.tensor([[5, 6, 7]]), emb, cond_lengths=lengths,
-                                                         emo_cond_lengths=lengths, emo_vec=upstream_emo,
-                                                         do_sample=False, max_generate_length=2)
-    wave, problem = read_audio(wav, PrepareSettings("c", "w", "x").limits)
-    assert problem is None
-    ours = clip_features(models, [wave])[0]
-    assert np.array_equal(ours.codes, upstream_codes[0].numpy())
-    np.testing.assert_allclose(ours.condition, upstream_condition[0].numpy(), atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(ours.emo_vec, upstream_emo[0].numpy(), atol=1e-5, rtol=1e-5)
-    assert ours.condition.shape == (32, 32) and ours.emo_vec.shape == (32,)
+        _, condition = tts.gpt.inference_speech(spk, torch.tensor([[5, 6, 7]]), emo, cond_lengths=spk_len,
+                                                emo_cond_lengths=emo_len, emo_vec=emo_vec, do_sample=False,
+                                                max_generate_length=2)
+    return codes[0].numpy(), condition[0].numpy(), emo_vec[0].numpy()
+
+
+@pytest.mark.parametrize("rate", [16000, 22050, 44100])
+def test_features_equal_what_indextts2_inference_computes_for_the_prompt_file(tiny_models, tmp_path, rate):
+    """The same readers, rates, resampling and 15 s cut as inference, for files at 16, 22.05 and 44.1 kHz (a 16 s
+    clip is cut for the conditioning, its codes are of the whole clip)."""
+    paths, models = tiny_models
+    for seconds in (1.1, 16.0) if rate == 22050 else (1.1,):
+        wav = tmp_path / f"prompt-{seconds}.wav"
+        sf.write(wav, voiced(seconds * rate / SAMPLE_RATE, 3)[:int(seconds * rate)], rate, subtype="FLOAT")
+        codes, condition, emo_vec = upstream_prompt_path(models, wav)
+        clip, problem = read_audio(wav, PrepareSettings("c", "w", "x").limits)
+        assert problem is None
+        ours = clip_features(models, [clip])[0]
+        if seconds < 15:
+            assert np.array_equal(ours.codes, codes), rate
+        else:
+            assert len(ours.codes) > len(codes) and clip.seconds > 15.9
+        np.testing.assert_allclose(ours.condition, condition, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(ours.emo_vec, emo_vec, atol=1e-5, rtol=0)
+
+
+def test_w2v_bert_stops_at_layer_17_with_the_full_runs_hidden_state():
+    from fidel_tts.trainer.data.features import HIDDEN_LAYER, up_to_layer
+    from transformers import Wav2Vec2BertConfig, Wav2Vec2BertModel
+
+    torch.manual_seed(0)
+    config = Wav2Vec2BertConfig(hidden_size=32, num_hidden_layers=HIDDEN_LAYER + 3, num_attention_heads=2,
+                                intermediate_size=16, conv_depthwise_kernel_size=5, feature_projection_input_dim=160)
+    full = Wav2Vec2BertModel(config).eval()
+    cut = up_to_layer(Wav2Vec2BertModel(config).eval(), HIDDEN_LAYER)
+    cut.load_state_dict(full.state_dict(), strict=False)
+    features, mask = torch.randn(2, 40, 160), torch.ones(2, 40, dtype=torch.long)
+    mask[1, 30:] = 0
+    with torch.no_grad():
+        want = full(input_features=features, attention_mask=mask, output_hidden_states=True).hidden_states
+        got = cut(input_features=features, attention_mask=mask, output_hidden_states=True).hidden_states
+    assert len(cut.encoder.layers) == HIDDEN_LAYER and len(got) == HIDDEN_LAYER + 1
+    assert torch.equal(got[HIDDEN_LAYER], want[HIDDEN_LAYER])
 
 
 def test_the_conditioning_weights_fidel_loads_are_in_the_official_gpt_pth():
@@ -104,12 +142,17 @@ def test_the_conditioning_weights_fidel_loads_are_in_the_official_gpt_pth():
     assert len(wanted) > 300 and {k: official.get(k) for k in wanted} == wanted
 
 
+def clip_of(wave: np.ndarray) -> ClipAudio:
+    """A clip whose emotion wave is another array (as it always is when read): both paths are embedded."""
+    return ClipAudio(wave, wave, wave * 0.9)
+
+
 def test_batched_equals_one_at_a_time_and_each_clip_keeps_its_own_codes(tiny_models):
     _, models = tiny_models
-    waves = [voiced(s, i) for i, s in enumerate((0.6, 1.9, 1.0, 0.6))]  # two clips of one length share a batch
-    batched = clip_features(models, waves)
+    waves = [voiced(s, i) for i, s in enumerate((0.6, 1.9, 1.0, 0.6, 0.65))]  # 0.6 and 0.65 s share a bucket
+    batched = clip_features(models, [clip_of(w) for w in waves])
     for wave, clip in zip(waves, batched, strict=True):
-        alone = clip_features(models, [wave])[0]
+        alone = clip_features(models, [clip_of(wave)])[0]
         assert np.array_equal(clip.codes, alone.codes)
         np.testing.assert_allclose(clip.condition, alone.condition, atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(clip.emo_vec, alone.emo_vec, atol=1e-5, rtol=1e-5)
@@ -117,15 +160,25 @@ def test_batched_equals_one_at_a_time_and_each_clip_keeps_its_own_codes(tiny_mod
     assert len(batched[0].codes) < len(batched[1].codes) / 3
 
 
+def test_batches_are_buckets_of_similar_length():
+    from fidel_tts.trainer.data.features import length_buckets
+
+    assert length_buckets([100, 400, 110, 124, 126, 390, 90]) == [[6, 0, 2], [3, 4], [5, 1]]
+
+
 def test_audio_is_read_downmixed_resampled_and_checked(tmp_path):
+    import librosa
     import torchaudio
 
     limits = PrepareSettings("c", "w", "x", min_seconds=0.5, max_seconds=3.0).limits
     stereo = np.stack([voiced(1.0, 1), voiced(1.0, 2)], axis=1)
     sf.write(tmp_path / "stereo.wav", stereo, 22050, subtype="FLOAT")
-    wave, problem = read_audio(tmp_path / "stereo.wav", limits)
-    expected = torchaudio.functional.resample(torch.from_numpy(stereo.mean(axis=1)), 22050, SAMPLE_RATE)
-    assert problem is None and np.array_equal(wave, expected.numpy())
+    clip, problem = read_audio(tmp_path / "stereo.wav", limits)
+    at_22k = torch.from_numpy(librosa.load(tmp_path / "stereo.wav")[0]).unsqueeze(0)
+    speaker = torchaudio.transforms.Resample(22050, SAMPLE_RATE)(at_22k)[0].numpy()
+    emotion = librosa.load(tmp_path / "stereo.wav", sr=SAMPLE_RATE)[0]
+    assert problem is None and np.array_equal(clip.speaker, speaker) and np.array_equal(clip.emotion, emotion)
+    assert clip.speaker_prompt is clip.speaker
     cases = {"short": (voiced(0.2, 1), "duration"), "long": (voiced(3.5, 1), "duration"),
              "silent": (np.zeros(SAMPLE_RATE, np.float32), "silent"),
              "clipped": (np.clip(voiced(1.0, 1) * 20, -1, 1), "clipped")}
@@ -135,6 +188,17 @@ def test_audio_is_read_downmixed_resampled_and_checked(tmp_path):
     (tmp_path / "broken.wav").write_bytes(b"RIFF nonsense")
     assert read_audio(tmp_path / "broken.wav", limits)[1][0] == "unreadable_audio"
     assert read_audio(tmp_path / "absent.wav", limits)[1][0] == "missing_audio"
+
+
+def test_a_wav_cut_off_mid_data_is_dropped_with_its_reason(tmp_path):
+    limits = PrepareSettings("c", "w", "x").limits
+    sf.write(tmp_path / "whole.wav", voiced(2.0, 1), SAMPLE_RATE, subtype="PCM_16")
+    data = (tmp_path / "whole.wav").read_bytes()
+    (tmp_path / "cut.wav").write_bytes(data[:len(data) // 2])
+    assert sf.info(str(tmp_path / "cut.wav")).frames < 2 * SAMPLE_RATE  # what soundfile alone would accept
+    assert read_audio(tmp_path / "whole.wav", limits)[1] is None
+    check, detail = read_audio(tmp_path / "cut.wav", limits)[1]
+    assert check == "truncated_audio" and "cut.wav" in detail and f"of the {2 * SAMPLE_RATE * 2} bytes" in detail
 
 
 def test_manifests_are_jsonl_or_csv_with_the_community_fields(tmp_path):
@@ -261,6 +325,7 @@ def test_bad_inputs_stop_with_one_line_before_any_work(tiny_project, tiny_models
     cases = {
         "--w2v-bert": (["--w2v-bert", str(tmp_path / "nowhere")], "w2v-BERT 2.0 folder not found"),
         "--codec": (["--codec", str(tmp_path / "codec.safetensors")], "not found (codec file"),
+        "model.safetensors": (["--codec", str(paths.w2v_bert / "model.safetensors")], "not the semantic codec"),
         "--batch-size": (["--batch-size", "0"], "--batch-size: must be at least 1"),
         "bad.csv": (["--train", str(bad_manifest)], "line 2: missing field(s) speaker"),
         "twice.jsonl": (["--train", str(twice)], "already at"),
@@ -306,3 +371,22 @@ def test_the_flow_with_a_prepare_section_trains_on_espeak_audio(tiny_project, ti
     info = json.loads((tmp_path / "run" / "data" / "dataset.json").read_text())
     assert info["prepare"]["utterances"] == 12 and info["splits"]["train"]["rows"] == 8 * 2
     assert (tmp_path / "run" / "reports" / "data.md").is_file()
+
+
+def cli_args(tiny_project, tiny_models, corpus, out) -> list[str]:
+    paths = tiny_models[0]
+    return ["prepare", "--train", str(corpus["train"]), "--val", str(corpus["val"]), "--tokenizer",
+            str(tiny_project.tokenizer), "--config", str(tiny_project.base_config), "--out", str(out),
+            "--checkpoint-dir", str(paths.checkpoint_dir), "--w2v-bert", str(paths.w2v_bert), "--codec",
+            str(paths.codec), "--max-bad-rows", "0.2"]
+
+
+def test_cond_dtype_float32_stores_float32(tiny_project, tiny_models, corpus, tmp_path, capsys):
+    """It crashed with "unexpected TypeError: unhashable type: 'list'" (issue 22)."""
+    import pyarrow.parquet as pq
+    from fidel_tts.flows.cli import main
+
+    out = tmp_path / "f32"
+    assert main(cli_args(tiny_project, tiny_models, corpus, out) + ["--cond-dtype", "float32"]) == 0, capsys.readouterr()
+    schema = pq.read_schema(out / "train.parquet")
+    assert str(schema.field("condition").type.value_type) == "float"

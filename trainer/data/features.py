@@ -27,6 +27,9 @@ from fidel_tts.trainer.model.weights import first_line, read_state_dict, torch_l
 
 SAMPLE_RATE = 16000
 HIDDEN_LAYER = 17  # upstream's get_emb: hidden_states[17]
+SPEAKER_RATE = 22050  # librosa.load's default, where infer_v2 reads the speaker prompt
+PROMPT_SECONDS = 15  # infer_v2 cuts both prompts here
+BUCKET_SPREAD = 1.25  # a w2v-BERT batch's longest wave at most this × its shortest: little padding
 FEATURE_DIM = 1024  # w2v-BERT 2.0 width; UnifiedVoice's conformers take exactly this
 CONDITIONING_PREFIXES = ("conditioning_encoder.", "perceiver_encoder.", "emo_conditioning_encoder.",
                          "emo_perceiver_encoder.", "emovec_layer.", "emo_layer.")
@@ -43,31 +46,79 @@ class AudioLimits:
     max_clipped: float = 0.001  # share of samples at full scale above this: clipped
 
 
-def read_audio(path: Path, limits: AudioLimits) -> tuple[np.ndarray | None, tuple[str, str] | None]:
-    """(16 kHz mono float32, None) or (None, (problem, detail)): read with soundfile, downmixed, resampled."""
+@dataclass
+class ClipAudio:
+    """A clip as IndexTTS2's inference reads a prompt file (infer_v2 `_load_and_cut_audio`), all at 16 kHz."""
+
+    speaker: np.ndarray  # librosa at 22.05 kHz, then torchaudio's Resample to 16 kHz: codes and duration
+    speaker_prompt: np.ndarray  # the same, cut at 15 s at 22.05 kHz before resampling: the conditioning
+    emotion: np.ndarray  # librosa at 16 kHz, cut at 15 s: the emotion vector
+
+    @property
+    def seconds(self) -> float:
+        return len(self.speaker) / SAMPLE_RATE
+
+
+def wav_truncation(path: Path) -> str | None:
+    """Why a RIFF/WAVE file's data chunk is shorter than its header says, else None: libsndfile reads such a
+    file as a shorter clip without an error, and the transcript would then speak past its end."""
+    with open(path, "rb") as handle:
+        head = handle.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        while chunk := handle.read(8):
+            if len(chunk) < 8:
+                return None
+            size = int.from_bytes(chunk[4:], "little")
+            if chunk[:4] == b"data":
+                left = path.stat().st_size - handle.tell()
+                streamed = size in (0, 0xFFFFFFFF)  # written without a final size: nothing to compare
+                return None if streamed or left >= size else f"data chunk holds {left} of the {size} bytes " \
+                                                             "its header declares (cut off)"
+            handle.seek(size + (size & 1), 1)
+    return None
+
+
+def read_audio(path: Path, limits: AudioLimits) -> tuple[ClipAudio | None, tuple[str, str] | None]:
+    """(the clip, None) or (None, (problem, detail)): checked on the file's samples, then read as inference does."""
     import soundfile
-    import torchaudio
 
     if not path.is_file():
         return None, ("missing_audio", f"{path} not found")
     try:
+        truncated = wav_truncation(path)
         samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
-    except (RuntimeError, soundfile.LibsndfileError) as exc:
+    except (RuntimeError, OSError, soundfile.LibsndfileError) as exc:
         return None, ("unreadable_audio", f"{path.name}: {first_line(exc)}")
+    if truncated:
+        return None, ("truncated_audio", f"{path.name}: {truncated}")
     seconds = len(samples) / rate
     if seconds < limits.min_seconds or seconds > limits.max_seconds:
         return None, ("duration", f"{seconds:.2f} s, outside {limits.min_seconds}..{limits.max_seconds} s")
     clipped = float((np.abs(samples) >= 0.999).mean())
     if clipped > limits.max_clipped:
         return None, ("clipped", f"{clipped:.2%} of samples at full scale (max {limits.max_clipped:.2%})")
-    mono = torch.from_numpy(samples.mean(axis=1))
-    if rate != SAMPLE_RATE:
-        mono = torchaudio.functional.resample(mono, rate, SAMPLE_RATE)
-    rms = float(mono.square().mean().sqrt())
+    clip = prompt_audio(path)
+    rms = float(np.sqrt(np.square(clip.emotion, dtype=np.float64).mean()))
     dbfs = 20 * np.log10(max(rms, 1e-10))
     if dbfs < limits.silence_dbfs:
         return None, ("silent", f"RMS {dbfs:.1f} dBFS < {limits.silence_dbfs} dBFS")
-    return mono.numpy(), None
+    return clip, None
+
+
+def prompt_audio(path: Path) -> ClipAudio:
+    """infer_v2's readers: `_get_speaker_conditioning` (librosa.load at its default 22.05 kHz, cut, torchaudio
+    Resample to 16 kHz) and `_get_emotion_conditioning` (librosa.load at 16 kHz, cut)."""
+    import librosa
+    import torchaudio
+
+    to_16k = torchaudio.transforms.Resample(SPEAKER_RATE, SAMPLE_RATE)
+    at_22k, _ = librosa.load(str(path), sr=SPEAKER_RATE)
+    speaker = to_16k(torch.from_numpy(at_22k).unsqueeze(0))[0].numpy()
+    cut = int(PROMPT_SECONDS * SPEAKER_RATE)
+    prompt = speaker if len(at_22k) <= cut else to_16k(torch.from_numpy(at_22k[:cut]).unsqueeze(0))[0].numpy()
+    at_16k, _ = librosa.load(str(path), sr=SAMPLE_RATE)
+    return ClipAudio(speaker, prompt, at_16k[:int(PROMPT_SECONDS * SAMPLE_RATE)])
 
 
 # ----------------------------------------------------------------------------- the models
@@ -163,7 +214,14 @@ def load_w2v_bert(folder: Path):
     if model.config.hidden_size != FEATURE_DIM or model.config.num_hidden_layers < HIDDEN_LAYER:
         raise FidelError(folder, f"w2v-BERT has width {model.config.hidden_size} and {model.config.num_hidden_layers} "
                                  f"layers; IndexTTS2 reads layer {HIDDEN_LAYER} of a {FEATURE_DIM}-wide model")
-    return extractor, model.float().eval()  # fp32 as upstream runs it, whatever dtype the weights are stored in
+    return extractor, up_to_layer(model.float().eval(), HIDDEN_LAYER)  # fp32 as upstream runs it
+
+
+def up_to_layer(model, layer: int):
+    """The model without the encoder layers after `layer`: hidden_states[layer] is the same, the rest is never
+    read (for w2v-BERT 2.0, 7 of its 24 layers)."""
+    model.encoder.layers = model.encoder.layers[:layer]
+    return model
 
 
 def load_codec(section: dict, path: Path) -> torch.nn.Module:
@@ -178,6 +236,26 @@ def load_codec(section: dict, path: Path) -> torch.nn.Module:
         raise FidelError(path, f"not the semantic codec of config.yaml's semantic_codec section ({first_line(exc)})"
                          ) from None
     return codec.eval()
+
+
+def check_codec(section: dict, path: Path) -> None:
+    """The codec file holds the tensors of config.yaml's codec, by the names and shapes in its header: a wrong file
+    (the w2v-BERT weights, say) is refused before anything is written, not when the models load."""
+    from indextts.utils.maskgct_utils import build_semantic_codec
+    from omegaconf import OmegaConf
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as weights:
+            found = {k: list(weights.get_slice(k).get_shape()) for k in weights.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as exc:
+        raise FidelError(path, f"not a safetensors file ({first_line(exc)})") from None
+    with torch.device("meta"):
+        wanted = {k: list(v.shape) for k, v in build_semantic_codec(OmegaConf.create(section)).state_dict().items()}
+    wrong = next((k for k in wanted if found.get(k) != wanted[k]), None)
+    if wrong is not None or len(found) != len(wanted):
+        detail = f"{wrong}: {found.get(wrong, 'absent')}, expected {wanted[wrong]}" if wrong else "extra tensors"
+        raise FidelError(path, f"not the semantic codec of config.yaml's semantic_codec section ({detail})")
 
 
 def load_conditioning_gpt(section: dict, path: Path) -> torch.nn.Module:
@@ -218,33 +296,67 @@ def semantic_embedding(models: FeatureModels, features: torch.Tensor, mask: torc
     return (out.hidden_states[HIDDEN_LAYER] - models.mean) / models.std
 
 
-@torch.inference_mode()
-def clip_features(models: FeatureModels, waves: list[np.ndarray]) -> list[ClipFeatures]:
-    """Features of each 16 kHz clip; one padded w2v-BERT batch, then codec and conformers at each clip's length."""
+def length_buckets(lengths: list[int]) -> list[list[int]]:
+    """Indices sorted by length, cut wherever a wave would exceed BUCKET_SPREAD × its bucket's shortest."""
+    buckets: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if not buckets or lengths[i] > BUCKET_SPREAD * lengths[buckets[-1][0]]:
+            buckets.append([])
+        buckets[-1].append(i)
+    return buckets
+
+
+def embeddings(models: FeatureModels, waves: list[np.ndarray]) -> list[torch.Tensor]:
+    """Each 16 kHz wave's [1, frames, 1024] embedding at its own frame count, in length-bucketed w2v-BERT batches."""
     alone = [models.extractor(w, sampling_rate=SAMPLE_RATE, return_tensors="pt") for w in waves]
-    frames = [x["input_features"].shape[1] for x in alone]  # upstream's frame count for the clip alone
+    frames = [x["input_features"].shape[1] for x in alone]  # upstream's frame count for the wave alone
     pad = torch.nn.utils.rnn.pad_sequence
-    features = pad([x["input_features"][0] for x in alone], batch_first=True,
-                   padding_value=models.extractor.padding_value)
-    mask = pad([x["attention_mask"][0] for x in alone], batch_first=True)
-    embedding = semantic_embedding(models, features.to(models.device), mask.to(models.device))
-    out: list[ClipFeatures | None] = [None] * len(waves)
-    for n in sorted(set(frames)):  # clips of equal length share a batch: no padding there
-        rows = [i for i, f in enumerate(frames) if f == n]
-        for i, clip in zip(rows, own_length_features(models, embedding[rows, :n]), strict=True):
-            out[i] = clip
+    out: list[torch.Tensor | None] = [None] * len(waves)
+    for bucket in length_buckets(frames):
+        features = pad([alone[i]["input_features"][0] for i in bucket], batch_first=True,
+                       padding_value=models.extractor.padding_value)
+        mask = pad([alone[i]["attention_mask"][0] for i in bucket], batch_first=True)
+        batch = semantic_embedding(models, features.to(models.device), mask.to(models.device))
+        for row, i in enumerate(bucket):
+            out[i] = batch[row:row + 1, :frames[i]]
     return out
 
 
-def own_length_features(models: FeatureModels, embedding: torch.Tensor) -> list[ClipFeatures]:
-    """Codes, conditioning and emotion vector of clips that all have embedding.shape[1] frames."""
-    lengths = torch.full((embedding.shape[0],), embedding.shape[1], device=embedding.device, dtype=torch.long)
-    codes, _ = models.codec.quantize(embedding)
-    codes = codes.reshape(embedding.shape[0], -1)
-    condition = models.gpt.get_conditioning(embedding.transpose(1, 2), lengths)
-    emo_vec = models.gpt.get_emovec(embedding, lengths)
-    return [ClipFeatures(c.cpu().numpy().astype(np.int64), k.float().cpu().numpy(), e.float().cpu().numpy())
-            for c, k, e in zip(codes, condition, emo_vec, strict=True)]
+@torch.inference_mode()
+def clip_features(models: FeatureModels, clips: list[ClipAudio]) -> list[ClipFeatures]:
+    """Codes of each clip's speaker path, conditioning of its cut speaker prompt, emotion vector of its emotion
+    path; w2v-BERT batched, the codec and conformers (not masked) at each wave's own length, as upstream."""
+    waves, slots = distinct_waves(clips)
+    embedded = embeddings(models, waves)
+    return [own_length_features(models, *(embedded[k] for k in slot)) for slot in slots]
+
+
+def distinct_waves(clips: list[ClipAudio]) -> tuple[list[np.ndarray], list[list[int]]]:
+    """The waves to embed (a clip's speaker prompt is its speaker wave when not cut) and each clip's three indices."""
+    waves: list[np.ndarray] = []
+    slots = []
+    for clip in clips:
+        first, slot = len(waves), []
+        for part in (clip.speaker, clip.speaker_prompt, clip.emotion):
+            same = next((k for k in range(first, len(waves)) if waves[k] is part), None)
+            if same is None:
+                waves.append(part)
+                same = len(waves) - 1
+            slot.append(same)
+        slots.append(slot)
+    return waves, slots
+
+
+def own_length_features(models: FeatureModels, speaker: torch.Tensor, prompt: torch.Tensor,
+                        emotion: torch.Tensor) -> ClipFeatures:
+    def lengths(embedding: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([embedding.shape[1]], device=embedding.device)
+
+    codes, _ = models.codec.quantize(speaker)
+    condition = models.gpt.get_conditioning(prompt.transpose(1, 2), lengths(prompt))
+    emo_vec = models.gpt.get_emovec(emotion, lengths(emotion))
+    return ClipFeatures(codes.reshape(-1).cpu().numpy().astype(np.int64), condition[0].float().cpu().numpy(),
+                        emo_vec[0].float().cpu().numpy())
 
 
 # ----------------------------------------------------------------------------- stand-ins for tests and demos

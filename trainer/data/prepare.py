@@ -46,10 +46,10 @@ from fidel_tts.trainer.data.checks import (
     text_problems,
 )
 from fidel_tts.trainer.data.features import (
-    SAMPLE_RATE,
     AudioLimits,
     FeatureModels,
     ModelPaths,
+    check_codec,
     clip_features,
     read_audio,
     require_upstream,
@@ -190,14 +190,17 @@ def digest(parts: dict) -> str:
 
 
 def features_fingerprint(splits: dict[str, list[str]], settings: PrepareSettings, model_files: dict[str, Path]) -> str:
-    """What the shards depend on: manifests, model files, audio limits and the shard layout."""
+    """What the shards depend on: manifests, model files, audio limits and the shard layout. The batch size is part
+    of it: padding in a w2v-BERT batch moves the features by float rounding (about 1e-6), so another batch size
+    gives other bytes and must not resume these shards."""
     def manifest(spec: str) -> list:  # content and `::lang`, not how the path is spelled
         path, lang = split_manifest_spec(spec)
         return [file_sha256(path), lang]
 
     return digest({"manifests": {k: [manifest(s) for s in v] for k, v in splits.items()},
                    "models": {k: file_stamp(p) for k, p in sorted(model_files.items())},
-                   "limits": asdict(settings.limits), "shard_size": settings.shard_size})
+                   "limits": asdict(settings.limits), "shard_size": settings.shard_size,
+                   "batch_size": settings.batch_size})
 
 
 def dataset_fingerprint(features: str, tokenizer: str | Path, config: str | Path, settings: PrepareSettings,
@@ -302,13 +305,13 @@ def run_shard(job: ShardJob, models: FeatureModels, settings: PrepareSettings, s
             dropped.append({"id": u.id, "where": f"{u.manifest}:{u.line}", "check": problem[0], "detail": problem[1]})
         else:
             loaded.append((u, wave))
-    loaded.sort(key=lambda item: (len(item[1]), item[0].id))
+    loaded.sort(key=lambda item: (len(item[1].speaker), item[0].id))
     for start in range(0, len(loaded), settings.batch_size):
         batch = loaded[start:start + settings.batch_size]
         if all(u.id in have for u, _ in batch):
             continue
-        for (u, wave), clip in zip(batch, clip_features(models, [w for _, w in batch]), strict=True):
-            rows.append({"id": u.id, "duration": len(wave) / SAMPLE_RATE, "codes": clip.codes,
+        for (u, audio), clip in zip(batch, clip_features(models, [a for _, a in batch]), strict=True):
+            rows.append({"id": u.id, "duration": audio.seconds, "codes": clip.codes,
                          "condition": clip.condition, "emo_vec": clip.emo_vec})
         on_batch(len(batch))
         if stop.requested and start + settings.batch_size < len(loaded):
@@ -419,8 +422,8 @@ def claim_shards(out_dir: Path, fingerprint: str) -> Path:
     if record.is_file():
         saved = json.loads(record.read_text(encoding="utf-8")).get("fingerprint")
         if saved != fingerprint:
-            raise FidelError(out_dir, "holds features prepared from other manifests, models, audio limits or shard "
-                                      "size; choose another output folder (nothing is overwritten)")
+            raise FidelError(out_dir, "holds features prepared from other manifests, models, audio limits, shard "
+                                      "size or batch size; choose another output folder (nothing is overwritten)")
     else:
         atomic_write_json(record, {"fingerprint": fingerprint})
     return folder
@@ -469,6 +472,7 @@ def prepare(splits: dict[str, list[str]], tokenizer: str | Path, config: str | P
     env = rank_env()
     require_upstream()
     model_files = settings.models.files()
+    check_codec(read_config_yaml(model_files["config"])["semantic_codec"], model_files["codec"])
     guard_outputs(out_dir, list(splits))
     utterances = read_splits(splits)
     ctx = CheckContext.from_paths(tokenizer, config, checks)
