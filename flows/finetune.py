@@ -28,9 +28,8 @@ from fidel_tts.tasks.lineage import (
     started,
     write_finished,
 )
-from fidel_tts.trainer.lock import AlreadyRunning, OutputDirLock
 from fidel_tts.tasks.prepare import prepared_data
-from fidel_tts.tasks.report import StageFailed, failed_state
+from fidel_tts.tasks.report import Preempted, StageFailed, failed_state
 from fidel_tts.tasks.spec import RunSpec, load_run_spec, run_spec_from_dict
 from fidel_tts.tasks.stale_runs import claim_and_sweep
 from fidel_tts.tasks.tokenizer import tokenizer_verification
@@ -38,14 +37,13 @@ from fidel_tts.tasks.tracking import Tracker, git_commit, open_run, start_system
 from fidel_tts.tasks.train import training
 from fidel_tts.tasks.triage import checkpoint_triage
 from fidel_tts.trainer.errors import FidelError
+from fidel_tts.trainer.lock import AlreadyRunning, OutputDirLock
+from fidel_tts.trainer.process import Stopped
 from fidel_tts.trainer.report import Check, print_report
 from prefect import flow, get_run_logger
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import deployment, flow_run
 from prefect.states import Completed
-
-
-class Preempted(StageFailed):
-    """Training stopped on a signal after saving; running the flow again resumes it."""
 
 
 @flow(name="fidel-finetune")
@@ -168,7 +166,7 @@ def run_lineage(spec: RunSpec, lock: OutputDirLock, run_id: str | None, show_pro
         if result.status == "preempted":
             raise Preempted(f"preempted at step {result.step}/{result.total_steps}, resumable: {result.reason}")
         gates = evaluation_gates(spec, result, tracker, render_audio)
-    except Preempted:
+    except (Preempted, Stopped, KeyboardInterrupt, TerminationSignal):  # a signal: the next run continues this one
         monitor.finish()
         tracker.set_tags({"status": "preempted"})
         describe_run(tracker, "preempted, resumable")

@@ -14,7 +14,7 @@ from fidel_tts.trainer.markdown import escape
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import MissingContextError
-from prefect.states import Failed
+from prefect.states import Crashed, Failed
 
 CURVES = {"text loss": ("train_text_loss", "val_text_loss"), "mel loss": ("train_mel_loss", "val_mel_loss"),
           "mel top-1": ("train_mel_top1", "val_mel_top1")}
@@ -24,15 +24,21 @@ class StageFailed(Exception):
     """A stage stopped the flow; the message is the one-line reason."""
 
 
+class Preempted(StageFailed):
+    """Training stopped on a signal after saving; running the flow again resumes it."""
+
+
 def one_line(exc: Exception) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 def failed_state(exc: Exception):
-    """The flow run's Failed state for a fidel failure: the one-line reason as its message. A direct call of the
-    flow still raises exc."""
+    """The flow run's final state for a fidel failure, the one-line reason as its message: Crashed for a
+    preemption (the infrastructure stopped it; the resume schedule continues it), Failed otherwise. A direct call
+    of the flow still raises exc."""
     logger().error(one_line(exc))
-    return Failed(message=one_line(exc), data=exc)
+    ending = Crashed if isinstance(exc, Preempted) else Failed
+    return ending(message=one_line(exc), data=exc)
 
 
 class OneLineFailures(logging.Filter):

@@ -21,9 +21,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+LEFT_BEHIND: list[str] = []
+
+
 @pytest.fixture(scope="session", autouse=True)
-def isolated_prefect(tmp_path_factory):
-    """No server, no analytics, a throwaway PREFECT_HOME: tests never touch the user's Prefect."""
+def prefect_server(tmp_path_factory):
+    """One Prefect server for the whole session, in a throwaway PREFECT_HOME, with no analytics: tests never touch
+    the user's Prefect. It is fidel's own temporary server (fidel_tts/flows/server.py: its own session, dead with
+    pytest even after SIGKILL), so every flow called in-process and every `fidel run` started as a subprocess
+    talks to it instead of starting one each; its startup wait fits a busy 2-core machine."""
+    from fidel_tts.flows.server import temporary_server
+
     home = tmp_path_factory.mktemp("prefect_home")
     saved = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED", "PREFECT_API_URL",
                                             "MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI")}
@@ -31,12 +39,36 @@ def isolated_prefect(tmp_path_factory):
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     for key in ("PREFECT_API_URL", "MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI"):
         os.environ.pop(key, None)
-    yield home
+    with temporary_server(timeout=600) as url:
+        yield url
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+    LEFT_BEHIND.extend(stop_descendants())
+
+
+def stop_descendants() -> list[str]:
+    """Every process the suite started and left running, killed and named."""
+    import psutil
+
+    left = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            left.append(f"{child.pid} {' '.join(child.cmdline())[:160]}")
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return left
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """No process outlives the suite: one that was still running at the end fails the run."""
+    if LEFT_BEHIND:
+        session.config.get_terminal_writer().line("processes left running by the tests (killed):\n  "
+                                                  + "\n  ".join(LEFT_BEHIND), red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")

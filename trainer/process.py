@@ -26,8 +26,9 @@ class Dist:
         return self.world > 1
 
 
-class StopRequest:
-    """First SIGTERM/SIGINT asks for a stop after the current step; a second one exits at once."""
+class SignalScope:
+    """Handlers for SIGTERM and SIGINT while the block runs (signals reach the main thread only), the previous
+    ones after. The first signal goes to `on_signal`; a second one exits at once."""
 
     def __init__(self):
         self.signal: int | None = None
@@ -43,10 +44,18 @@ class StopRequest:
         if self.signal is not None:
             os._exit(128 + signum)
         self.signal = signum
+        self.on_signal(signum)
+
+    def on_signal(self, signum: int) -> None:
+        pass
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+class StopRequest(SignalScope):
+    """In a loop that can save: the first SIGTERM/SIGINT asks for a stop after the current step."""
 
     @property
     def requested(self) -> bool:
@@ -74,3 +83,20 @@ def device_problem(name: str) -> str | None:
     except (RuntimeError, ValueError):
         return f"not a torch device (auto, cpu, cuda, cuda:N), got {name!r}"
     return None
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGINT outside a training loop (which saves first, see StopRequest): the command ends at once,
+    resumable. A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows it."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+
+class StopOnSignals(SignalScope):
+    """A command's handlers outside training: the first SIGTERM/SIGINT raises Stopped in the main thread.
+    StopRequest replaces them while a training loop runs and puts them back after."""
+
+    def on_signal(self, signum: int) -> None:
+        raise Stopped(signum)

@@ -12,11 +12,9 @@ from pathlib import Path
 from fidel_tts.trainer.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_PREEMPTED, FidelError
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-# Prefect's temporary server waits 20 s by default; a busy 2-core machine needs longer (it starts in ~5-60 s)
-STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
-os.environ.setdefault(STARTUP_TIMEOUT, "180")
 
 from fidel_tts.flows.cli import data, export, run, speak, tokenizer, train, triage  # noqa: E402 - after the Prefect settings
+from fidel_tts.trainer.process import StopOnSignals, Stopped  # noqa: E402
 
 
 class Parser(argparse.ArgumentParser):
@@ -44,27 +42,39 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
-        return args.func(args)
+        with StopOnSignals():
+            return args.func(args)
     except FidelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # a failed flow stage ends in one line: the reason
-        from fidel_tts.flows.finetune import Preempted
-        from fidel_tts.tasks.report import StageFailed
-        if isinstance(exc, Preempted):
-            print(f"preempted: {exc}", file=sys.stderr)
-            return EXIT_PREEMPTED
-        if isinstance(exc, StageFailed):
-            print(f"failed: {exc}", file=sys.stderr)
-            return EXIT_FAILED
-        if "Timed out while attempting to connect to ephemeral Prefect API server" in str(exc):
-            print(f"error: Prefect's temporary server did not start within {os.environ[STARTUP_TIMEOUT]} s: raise "
-                  f"{STARTUP_TIMEOUT}, or set PREFECT_API_URL to a running server", file=sys.stderr)
-            return EXIT_FAILED
-        return unexpected(exc)
+    except (Stopped, KeyboardInterrupt) as exc:  # a signal outside training: nothing unsaved, the rerun continues
+        print(f"preempted: {exc or 'stopped by SIGINT'} before anything was left unsaved; run the same command "
+              "again to continue", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except BaseException as exc:  # a failed flow stage ends in one line: the reason
+        return flow_ending(exc)
+
+
+def flow_ending(exc: BaseException) -> int:
+    from fidel_tts.flows.server import ServerDidNotStart
+    from fidel_tts.tasks.report import Preempted, StageFailed
+    from prefect.exceptions import TerminationSignal
+
+    if isinstance(exc, Preempted):
+        print(f"preempted: {exc}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    if isinstance(exc, TerminationSignal):
+        print("preempted: stopped by SIGTERM; run the same command again to continue", file=sys.stderr)
+        return EXIT_PREEMPTED
+    if isinstance(exc, StageFailed):
+        print(f"failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if isinstance(exc, ServerDidNotStart):
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if not isinstance(exc, Exception):
+        raise exc
+    return unexpected(exc)
 
 
 def unexpected(exc: BaseException) -> int:

@@ -29,8 +29,10 @@ def cmd_run(args) -> int:
     check_output_dir(Path(spec.output_dir))
     prefect_log_to(Path(spec.output_dir) / "logs" / "prefect.log")
     from fidel_tts.flows.finetune import finetune, print_summary
+    from fidel_tts.flows.server import prefect_api
 
-    summary = finetune(run_config=args.config, show_progress=not args.no_progress)
+    with prefect_api():
+        summary = finetune(run_config=args.config, show_progress=not args.no_progress)
     if summary["status"] == "already_running":
         print(summary["message"])
         return 0
@@ -77,5 +79,7 @@ def prefect_log_to(log_file: Path) -> None:
 
 def cmd_demo(args) -> int:
     from fidel_tts.flows.demo.flow import run_demo
+    from fidel_tts.flows.server import prefect_api
 
-    return run_demo(Path(args.root), run_name=args.run_name, quick=args.quick)
+    with prefect_api():
+        return run_demo(Path(args.root), run_name=args.run_name, quick=args.quick)

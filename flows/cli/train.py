@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fidel_tts.trainer.lock import AlreadyRunning, OutputDirLock
 from fidel_tts.trainer.errors import EXIT_FAILED, EXIT_PREEMPTED, FidelError
+from fidel_tts.trainer.lock import AlreadyRunning, OutputDirLock
 from fidel_tts.trainer.options import add_flags, from_args, markdown_table
 from fidel_tts.trainer.training.options import LaunchOptions, TrainConfig
 

@@ -32,7 +32,7 @@ from fidel_tts.flows.demo.codec import (
     log_mel,
 )
 from fidel_tts.trainer.errors import FidelError
-from tqdm import tqdm
+from fidel_tts.trainer.training.progress import tracked
 
 ENGLISH_WORDS = Path("/usr/share/dict/american-english")
 LANG_VOICES = {"am": "am", "en": "en-us"}
@@ -246,8 +246,7 @@ def build_utterances(root: Path, lang: str, sentences_per_speaker: int,
         return synthesize(u.text, LANG_VOICES[lang], by_name[u.speaker], u.wav_path)
 
     with ThreadPoolExecutor(SYNTH_WORKERS) as pool:
-        durations = list(tqdm(pool.map(run, jobs), total=len(jobs), desc=f"espeak-ng {lang}",
-                              disable=not progress, unit="utt"))
+        durations = list(tracked(pool.map(run, jobs), f"espeak-ng {lang}", len(jobs), progress, unit="utt"))
     for u, d in zip(jobs, durations, strict=True):
         u.duration = d
     return jobs
@@ -281,7 +280,7 @@ def write_features(utts: list[Utterance], codec: DemoCodec, cond_dim: int, root:
     """Per utterance: codes/<id>.npy int32 [T], condition/<id>.npy f32 [32, D], emo_vec/<id>.npy f32 [D]."""
     root = Path(root)
     records = []
-    for u in tqdm(utts, desc="features", disable=not progress, unit="utt"):
+    for u in tracked(utts, "features", len(utts), progress, unit="utt"):
         mel = utterance_mel(u)
         codes = codec.encode(mel).numpy().astype(np.int32)
         condition, emo_vec = demo_conditioning(mel, cond_dim)

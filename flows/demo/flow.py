@@ -13,8 +13,8 @@ from pathlib import Path
 import yaml
 from fidel_tts.flows.demo.codec import wav_writer
 from fidel_tts.flows.demo.corpus import DemoCorpus, build_demo_corpus, write_paired_manifests
-from fidel_tts.flows.finetune import Preempted, finetune, print_summary
-from fidel_tts.tasks.report import StageFailed, failed_state, logger
+from fidel_tts.flows.finetune import finetune, print_summary
+from fidel_tts.tasks.report import Preempted, StageFailed, failed_state, logger
 from fidel_tts.trainer.checkpoints.export import export_model, read_export_record
 from fidel_tts.trainer.errors import EXIT_PREEMPTED, FidelError
 from fidel_tts.trainer.model.config import write_config_yaml

@@ -187,11 +187,12 @@ def test_progress_is_plain_lines_off_a_terminal(monkeypatch):
     for step in (1, 2, 3, 4):
         bar.update(step, {"train_text_loss": 1.5, "train_mel_loss": 2.25})
     bar.close()
-    assert stream.getvalue().splitlines() == ["training: step 2/4 (50%) text loss 1.500, mel loss 2.250",
+    assert stream.getvalue().splitlines() == ["training: step 0/4 (0%)",
+                                              "training: step 2/4 (50%) text loss 1.500, mel loss 2.250",
                                               "training: step 4/4 (100%) text loss 1.500, mel loss 2.250"]
     lines = []
     progress.Progress("training", 4, stream=io.StringIO(), log=lines.append, every_s=0).update(1, {})
-    assert lines == ["training: step 1/4 (25%)"]
+    assert lines == ["training: step 0/4 (0%)", "training: step 1/4 (25%)"]
 
 
 @pytest.mark.slow

@@ -4,8 +4,8 @@ import os
 import signal
 
 import pytest
-from fidel_tts.flows.finetune import Preempted, finetune
-from fidel_tts.tasks.report import StageFailed
+from fidel_tts.flows.finetune import finetune
+from fidel_tts.tasks.report import Preempted, StageFailed
 from mlflow import MlflowClient
 
 pytestmark = pytest.mark.slow

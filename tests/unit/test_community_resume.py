@@ -152,9 +152,9 @@ def test_fidel_train_resume_refuses_what_triage_refuses(tiny_project, fixed, tmp
     """Another vocabulary, a truncated file, a pruned export, a pickle that runs code, --max-steps not beyond the
     run, another lineage in the output dir: one line each."""
     from fidel_tts.flows.cli import main
-    from tests.unit.test_triage import Payload
 
     from tests.fixtures.community_run import prune_export
+    from tests.unit.test_triage import Payload
 
     out = tmp_path / "out"
     other_vocab = train_args(tiny_project, out, fixed, STEP + 1)

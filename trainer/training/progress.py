@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def loss_text(metrics: dict) -> str:
@@ -19,8 +22,9 @@ def loss_text(metrics: dict) -> str:
 
 class Progress:
     def __init__(self, label: str, total: int, initial: int = 0, stream=None,
-                 log: Callable[[str], None] | None = None, every_s: float = 30.0, tty: bool | None = None):
-        self.label, self.total, self.every_s = label, total, every_s
+                 log: Callable[[str], None] | None = None, every_s: float = 30.0, tty: bool | None = None,
+                 unit: str = "step"):
+        self.label, self.total, self.every_s, self.unit = label, total, every_s, unit
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty() if tty is None else tty
         self.log = log or (lambda line: print(line, file=self.stream, flush=True))
@@ -29,7 +33,9 @@ class Progress:
         if self.tty:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc=label, unit="step", file=self.stream)
+            self.bar = tqdm(total=total, initial=initial, desc=label, unit=unit, file=self.stream)
+        else:  # where it starts: a log reader sees the loop begin, not only its first 30 s
+            self.log(f"{label}: {unit} {initial}/{total} ({100.0 * initial / max(1, total):.0f}%)")
 
     def update(self, step: int, metrics: dict) -> None:
         if self.bar is not None:
@@ -40,9 +46,21 @@ class Progress:
         if step >= self.total or now - self.last_line >= self.every_s:
             self.last_line = now
             share = 100.0 * step / max(1, self.total)
-            self.log(f"{self.label}: step {step}/{self.total} ({share:.0f}%) {loss_text(metrics)}".rstrip())
+            self.log(f"{self.label}: {self.unit} {step}/{self.total} ({share:.0f}%) {loss_text(metrics)}".rstrip())
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def tracked(items: Iterable[T], label: str, total: int, enabled: bool = True, unit: str = "item") -> Iterator[T]:
+    """items, counted by a Progress on stderr: a bar on a terminal, a plain line at most every 30 s otherwise."""
+    if not enabled:
+        yield from items
+        return
+    progress = Progress(label, total, unit=unit)
+    for done, item in enumerate(items, 1):
+        yield item
+        progress.update(done, {})
+    progress.close()
