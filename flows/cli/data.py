@@ -95,6 +95,8 @@ def run_prepare(args: argparse.Namespace) -> int:
     settings = PrepareSettings(**from_args(PrepareSettings, args))
     # the parsed flag is raw argparse output (a list); the settings hold the checked value
     checks = dataclasses.replace(settings_of(args), cond_dtype=settings.cond_dtype)
+    for line in settings.found_models()[1]:
+        print(line)
     started, shown = time.monotonic(), [0.0]
 
     def progress(done: int, todo: int) -> None:

@@ -390,3 +390,47 @@ def test_cond_dtype_float32_stores_float32(tiny_project, tiny_models, corpus, tm
     assert main(cli_args(tiny_project, tiny_models, corpus, out) + ["--cond-dtype", "float32"]) == 0, capsys.readouterr()
     schema = pq.read_schema(out / "train.parquet")
     assert str(schema.field("condition").type.value_type) == "float"
+
+
+def hf_cache_layouts(tiny_models, root):
+    """The tiny models copied where IndexTTS2 keeps the real ones: the hub cache layout (snapshots/<hash>/, with
+    refs/main) in one checkpoint folder, index-tts's local_dir layout in another."""
+    import shutil
+
+    paths = tiny_models[0]
+    layouts = {}
+    for name, snapshot in (("hub", "snapshots/0123abcd/"), ("local_dir", "")):
+        checkpoints = root / name / "checkpoints"
+        shutil.copytree(paths.checkpoint_dir, checkpoints)
+        w2v = checkpoints / "hf_cache" / "models--facebook--w2v-bert-2.0" / snapshot
+        shutil.copytree(paths.w2v_bert, w2v)
+        codec = checkpoints / "hf_cache" / "models--amphion--MaskGCT" / snapshot / "semantic_codec" / "model.safetensors"
+        codec.parent.mkdir(parents=True)
+        shutil.copy(paths.codec, codec)
+        if snapshot:
+            for repo in ("models--facebook--w2v-bert-2.0", "models--amphion--MaskGCT"):
+                (checkpoints / "hf_cache" / repo / "refs").mkdir()
+                (checkpoints / "hf_cache" / repo / "refs" / "main").write_text("0123abcd")
+        layouts[name] = (checkpoints, w2v, codec)
+    return layouts
+
+
+def test_the_checkpoint_dir_alone_finds_w2v_bert_and_the_codec_in_hf_cache(tiny_models, tmp_path, capsys):
+    from fidel_tts.flows.cli import main
+    from fidel_tts.trainer.data.features import found_model_paths
+
+    for name, (checkpoints, w2v, codec) in hf_cache_layouts(tiny_models, tmp_path).items():
+        paths, found = found_model_paths(checkpoints, "", "")
+        assert (paths.w2v_bert, paths.codec) == (w2v, codec), name
+        assert len(found) == 2 and str(codec) in found[1], name
+        assert set(paths.files()) >= {"w2v_weights", "codec"}
+    empty = tmp_path / "empty"
+    (empty / "checkpoints").mkdir(parents=True)
+    out = tmp_path / "out"
+    argv = ["prepare", "--train", "m.jsonl", "--tokenizer", "t.model", "--config", "c.yaml", "--out", str(out),
+            "--checkpoint-dir", str(empty / "checkpoints")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "--w2v-bert: not given" in err[0] and "models--facebook--w2v-bert-2.0" in err[0]
+    assert err[1].startswith("--codec: not given") and "semantic_codec/model.safetensors" in err[1]
+    assert not out.exists()

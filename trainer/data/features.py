@@ -34,6 +34,9 @@ FEATURE_DIM = 1024  # w2v-BERT 2.0 width; UnifiedVoice's conformers take exactly
 CONDITIONING_PREFIXES = ("conditioning_encoder.", "perceiver_encoder.", "emo_conditioning_encoder.",
                          "emo_perceiver_encoder.", "emovec_layer.", "emo_layer.")
 W2V_FILES = ("config.json", "preprocessor_config.json")
+# where IndexTTS2 keeps the two models (checkpoints/hf_cache): folder, file inside it, the flag that overrides it
+HF_CACHE_MODELS = {"w2v_bert": ("models--facebook--w2v-bert-2.0", "config.json", "--w2v-bert"),
+                   "codec": ("models--amphion--MaskGCT", "semantic_codec/model.safetensors", "--codec")}
 
 
 # ----------------------------------------------------------------------------- audio
@@ -153,6 +156,37 @@ class ModelPaths:
             if not path.is_file():
                 raise FidelError(path, f"not found ({name} file for fidel prepare)")
         return files
+
+
+def in_hf_cache(checkpoint_dir: Path, repo: str, inner: str) -> Path | None:
+    """`inner` of a model under checkpoint_dir/hf_cache/<repo>: at its root (index-tts's `local_dir` downloads) or in
+    the hub layout's snapshots/<hash>/ (refs/main's snapshot first)."""
+    root = checkpoint_dir / "hf_cache" / repo
+    ref = root / "refs" / "main"
+    snapshots = [root / "snapshots" / ref.read_text().strip()] if ref.is_file() else []
+    snapshots += sorted((root / "snapshots").glob("*"))
+    return next((folder / inner for folder in [root, *snapshots] if (folder / inner).is_file()), None)
+
+
+def found_model_paths(checkpoint_dir: Path, w2v_bert: str, codec: str) -> tuple[ModelPaths, list[str]]:
+    """The w2v-BERT folder and codec file given, else found in checkpoint_dir/hf_cache: (the paths, a line per
+    model found there); FidelError with a line per model neither given nor found."""
+    paths, found, missing = {"w2v_bert": w2v_bert, "codec": codec}, [], []
+    for name, given in list(paths.items()):
+        if given:
+            paths[name] = Path(given)
+            continue
+        repo, inner, flag = HF_CACHE_MODELS[name]
+        hit = in_hf_cache(checkpoint_dir, repo, inner)
+        if hit is None:
+            missing.append(f"{flag}: not given, and {checkpoint_dir / 'hf_cache' / repo} has no {inner} (at its "
+                           f"root or in snapshots/<hash>/)")
+            continue
+        paths[name] = hit.parent if name == "w2v_bert" else hit
+        found.append(f"{flag} {paths[name]} (found in {checkpoint_dir / 'hf_cache'})")
+    if missing:
+        raise FidelError(None, "\n".join(missing))
+    return ModelPaths(checkpoint_dir, paths["w2v_bert"], paths["codec"]), found
 
 
 def require_upstream() -> None:

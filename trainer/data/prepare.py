@@ -51,6 +51,7 @@ from fidel_tts.trainer.data.features import (
     ModelPaths,
     check_codec,
     clip_features,
+    found_model_paths,
     read_audio,
     require_upstream,
 )
@@ -76,9 +77,12 @@ class PrepareSettings:
 
     checkpoint_dir: str = option(help="the IndexTTS2 checkpoint folder: config.yaml, gpt.pth (its conformers and "
                                       "perceivers give the conditioning), wav2vec2bert_stats.pt")
+    # run.yaml names both (its paths resolve against its folder, tasks/spec.py); the flags default to finding them
     w2v_bert: str = option(help="the facebook/w2v-bert-2.0 folder: config.json, preprocessor_config.json, "
-                                "model.safetensors")
-    codec: str = option(help="the MaskGCT semantic codec weights (amphion/MaskGCT semantic_codec/model.safetensors)")
+                                "model.safetensors (flag default: found in --checkpoint-dir's hf_cache)",
+                           flag_default="")
+    codec: str = option(help="the MaskGCT semantic codec weights (amphion/MaskGCT semantic_codec/model.safetensors; "
+                             "flag default: found in --checkpoint-dir's hf_cache)", flag_default="")
     batch_size: int = option(16, help="clips per w2v-BERT batch (length-sorted)", min=1)
     shard_size: int = option(256, help="clips per shard: the unit recorded done", min=1)
     min_seconds: float = option(0.5, help="shorter clips are dropped", min=0)
@@ -99,7 +103,11 @@ class PrepareSettings:
 
     @property
     def models(self) -> ModelPaths:
-        return ModelPaths(Path(self.checkpoint_dir), Path(self.w2v_bert), Path(self.codec))
+        return self.found_models()[0]
+
+    def found_models(self) -> tuple[ModelPaths, list[str]]:
+        """The model paths, and a line for each found in the checkpoint folder's hf_cache rather than given."""
+        return found_model_paths(Path(self.checkpoint_dir), self.w2v_bert, self.codec)
 
     @property
     def limits(self) -> AudioLimits:
