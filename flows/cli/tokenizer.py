@@ -15,7 +15,7 @@ from fidel_tts.trainer.errors import FidelError
 from fidel_tts.trainer.model.config import read_config_yaml
 from fidel_tts.trainer.report import print_report
 from fidel_tts.trainer.text.normalize import normalize_text
-from fidel_tts.trainer.text.tokenizer import extend_tokenizer, read_corpus_files, verify_tokenizer
+from fidel_tts.trainer.text.tokenizer import MAX_SIZE, extend_tokenizer, read_corpus_files, verify_tokenizer
 
 
 def read_config_text_tokens(path: Path) -> int:
@@ -52,10 +52,20 @@ def show_verify_report(report, json_path: Path | None) -> int:
     return 0 if report.passed else 1
 
 
+def target_size(value: str) -> int | str:
+    """--size: a whole number of pieces or "max"."""
+    if value == MAX_SIZE:
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a whole number nor {MAX_SIZE}") from None
+
+
 def run_extend(args: argparse.Namespace) -> int:
     texts, sources = read_corpus_files(args.corpus)
     record = extend_tokenizer(args.base, texts, args.out, args.size, lang_tag=args.lang_tag,
-                              corpus_sources=sources, seed=args.seed)
+                              corpus_sources=sources, seed=args.seed, fold=args.fold_same_sound)
     tag = f" + tag {record.lang_tag} (id {record.lang_tag_id})" if record.lang_tag else ""
     print(f"wrote {record.out_path}: {record.target_size} pieces = base {record.base_size} + "
           f"{record.script_chars_added} script characters{tag} + {record.unigram_pieces_added} unigram pieces")
@@ -77,7 +87,7 @@ def run_normalize(args: argparse.Namespace) -> int:
     """The text as training encodes it: one normalised line per line of stdin, or for the joined arguments."""
     lines = [" ".join(args.text)] if args.text else sys.stdin.read().splitlines()
     for line in lines:
-        print(normalize_text(line))
+        print(normalize_text(line, fold=args.fold_same_sound))
     return 0
 
 
@@ -87,6 +97,7 @@ def add_commands(subparsers) -> None:
     normalize = text_commands.add_parser(
         "normalize", help="print fidel-normalised text (numerals spelled out, Ge'ez punctuation mapped, upper case)")
     normalize.add_argument("text", nargs="*", help="the text (joined by spaces); without it, each line of stdin")
+    normalize.add_argument("--fold-same-sound", action="store_true", help="ሐ ኀ -> ሀ, ሠ -> ሰ, ዐ -> አ, ፀ -> ጸ")
     normalize.set_defaults(func=run_normalize)
 
     tokenizer = subparsers.add_parser("tokenizer", help="extend the base tokenizer to a new script, or verify one")
@@ -95,10 +106,13 @@ def add_commands(subparsers) -> None:
     extend = commands.add_parser("extend", help="append script characters and corpus unigram pieces to a base")
     extend.add_argument("--base", type=Path, required=True, help="base sentencepiece model (bpe.model)")
     extend.add_argument("--corpus", type=Path, nargs="+", required=True, help="UTF-8 text files, one line each")
-    extend.add_argument("--size", type=int, required=True, help="exact vocabulary size of the result, e.g. 24000")
+    extend.add_argument("--size", type=target_size, required=True,
+                        help="exact vocabulary size of the result, e.g. 24000, or max: all the corpus supports")
     extend.add_argument("--lang-tag", default=None, help="add a language tag piece, e.g. AM for ▁[AM]")
     extend.add_argument("--out", type=Path, required=True, help="output .model (.vocab and .json written beside)")
     extend.add_argument("--seed", type=int, default=0)
+    extend.add_argument("--fold-same-sound", action="store_true",
+                        help="normalise ሐ ኀ to ሀ, ሠ to ሰ, ዐ to አ, ፀ to ጸ (changes spelling; recorded with the tokenizer)")
     extend.set_defaults(func=run_extend)
 
     verify = commands.add_parser("verify", help="check an extended tokenizer against its base")

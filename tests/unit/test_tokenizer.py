@@ -1,5 +1,6 @@
 import json
 import random
+import re
 import shutil
 import subprocess
 import time
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from fidel_tts.trainer.errors import FidelError
-from fidel_tts.trainer.text.normalize import is_script_char, normalize_text
+from fidel_tts.trainer.text.normalize import is_script_char, normalize_text, script_letters
 from fidel_tts.trainer.text.tokenizer import (
     BASE_SAMPLES,
     NORMAL,
@@ -81,7 +82,8 @@ def amharic_sentences(n: int, seed: int = 0) -> list[str]:
 
 
 def script_char_count(texts: list[str]) -> int:
-    return len({ch for t in texts for ch in normalize_text(t) if is_script_char(ch)})
+    """Script characters an extension adds: every letter of the script, and any other script char the texts have."""
+    return len(set(script_letters()) | {ch for t in texts for ch in normalize_text(t) if is_script_char(ch)})
 
 
 def aspell_words() -> list[str]:
@@ -396,8 +398,15 @@ def test_missing_and_non_utf8_corpus_files_are_named(tmp_path):
 def test_corpus_too_small_for_target_names_corpus_and_numbers(small_base, tmp_path):
     corpus = corpus_file(tmp_path, "tiny.txt", amharic_sentences(20))
     texts, sources = read_corpus_files([corpus])
-    with pytest.raises(FidelError, match=r"tiny\.txt.*supplies only \d+ new unigram pieces but \d+ are needed"):
+    with pytest.raises(FidelError, match=r"tiny\.txt.*supports at most size (\d+).*not 5000; use --size \1") as error:
         extend_tokenizer(small_base, texts, tmp_path / "out.model", 5000, corpus_sources=sources)
+    largest = int(re.search(r"at most size (\d+)", str(error.value)).group(1))
+    record = extend_tokenizer(small_base, texts, tmp_path / "out.model", largest, corpus_sources=sources)
+    assert record.target_size == largest
+    with pytest.raises(FidelError, match=r"tiny\.txt.*supports at most size"):
+        extend_tokenizer(small_base, texts, tmp_path / "more.model", largest + 1, corpus_sources=sources)
+    assert extend_tokenizer(small_base, texts, tmp_path / "max.model", "max", corpus_sources=sources).target_size \
+        == largest
 
 
 # ----------------------------------------------------------------------------- command line

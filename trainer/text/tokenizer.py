@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import unicodedata
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +20,14 @@ from fidel_tts.trainer.errors import FidelError
 from fidel_tts.trainer.hashing import file_sha256, sha256_bytes
 from fidel_tts.trainer.markdown import bullets, table
 from fidel_tts.trainer.report import Check
-from fidel_tts.trainer.text.normalize import is_script_char, normalize_text, script_share
+from fidel_tts.trainer.text.normalize import (
+    is_script_char,
+    normalize_text,
+    normalizer_record,
+    recorded_fold,
+    script_letters,
+    script_share,
+)
 from google.protobuf.message import DecodeError
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
@@ -29,6 +38,9 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = (
 MIN_SCRIPT_SHARE = 0.5  # a target corpus with fewer letters of the new script is the wrong corpus
 MAX_TOKENS_PER_WORD = 6.0
 MISSING_CHAR_SCORE_MARGIN = 1.0  # chars the unigram trainer dropped score this far below everything else
+SIZING_ROUNDS = 3  # unigram reruns that add the shortfall before the run that asks for everything
+EVERYTHING = 1_000_000  # a unigram request no corpus fills: hard_vocab_limit=False returns all it supports
+MAX_SIZE = "max"
 
 # Raw base-language text: the extension must tokenise these exactly as the base does.
 BASE_SAMPLES: tuple[str, ...] = (
@@ -76,9 +88,9 @@ def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
     return processor_from_proto(load_model_proto(path), path)
 
 
-def encode(sp: spm.SentencePieceProcessor, text: str) -> list[int]:
+def encode(sp: spm.SentencePieceProcessor, text: str, fold: bool = False) -> list[int]:
     """Token ids of normalize_text(text). No BOS/EOS: the GPT adds start (0) and stop (1) itself."""
-    return sp.encode(normalize_text(text), out_type=int)
+    return sp.encode(normalize_text(text, fold=fold), out_type=int)
 
 
 def write_model(proto: model_pb2.ModelProto, out_path: Path) -> str:
@@ -154,8 +166,8 @@ def corpus_label(sources: list[dict]) -> str:
     return ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
 
 
-def normalised_corpus(texts: list[str], label: str, script: str = "ethiopic") -> list[str]:
-    lines = [line for line in map(normalize_text, texts) if line]
+def normalised_corpus(texts: list[str], label: str, script: str = "ethiopic", fold: bool = False) -> list[str]:
+    lines = [line for line in (normalize_text(t, fold=fold) for t in texts) if line]
     if not lines:
         raise FidelError(label, "corpus is empty (no text after normalisation)")
     share = script_share("".join(lines), script)
@@ -184,6 +196,8 @@ class ExtensionRecord:
     corpus_lines: int
     corpus_sources: list[dict] = field(default_factory=list)
     seed: int = 0
+    largest_size: int | None = None  # measured only when sizing needed the run that asks for everything
+    normalizer: dict = field(default_factory=normalizer_record)
     sentencepiece_version: str = spm.__version__
 
     def to_dict(self) -> dict:
@@ -202,18 +216,54 @@ def check_extendable(base: model_pb2.ModelProto, base_path: Path) -> None:
 
 
 def script_chars_of(lines: list[str], base_sp: spm.SentencePieceProcessor, script: str) -> list[str]:
-    """Characters of the script in the corpus, in the form the base's own normaliser hands to the model."""
-    seen = set()
+    """Every letter of the script, seen in the corpus or not, and any other script character the corpus
+    has, in the form the base's own normaliser hands to the model."""
+    seen = set(base_sp.normalize("".join(script_letters(script))))
     for line in lines:
         seen.update(base_sp.normalize(line))
     return sorted(ch for ch in seen if is_script_char(ch, script))
 
 
-def extend_tokenizer(base_path: str | Path, corpus_texts: list[str], out_path: Path, target_size: int,
+def unigram_offer(lines: list[str], label: str, base: model_pb2.ModelProto, request: int,
+                  script: str) -> tuple[dict[str, float], list[tuple[float, str]]]:
+    """Train a unigram model asking for request pieces; its scores, and its multi-char pieces with a script
+    letter that the base lacks, best first."""
+    unigram = train_in_memory(
+        lines, label, model_type="unigram", vocab_size=request,
+        character_coverage=1.0, normalization_rule_name=base.normalizer_spec.name or "nmt_nfkc",
+        bos_id=-1, eos_id=-1, unk_id=0, pad_id=-1, byte_fallback=False, hard_vocab_limit=False,
+        max_sentencepiece_length=base.trainer_spec.max_sentencepiece_length or 16)
+    scores = {p.piece: p.score for p in unigram.pieces if p.type == NORMAL}
+    known = {p.piece for p in base.pieces}
+    offered = sorted(((score, piece) for piece, score in scores.items()
+                      if len(piece) > 1 and any(is_script_char(ch, script) for ch in piece) and piece not in known),
+                     key=lambda sp: (-sp[0], sp[1]))
+    return scores, offered
+
+
+def sized_offer(lines: list[str], label: str, base: model_pb2.ModelProto, needed: int | None, script: str,
+                seed: int) -> tuple[dict[str, float], list[tuple[float, str]], bool]:
+    """Unigram pieces for needed slots (None: as many as the corpus supports). Pieces without a script
+    letter are filtered out after training, so each rerun asks again with the shortfall added; the last
+    asks for everything, which is what a too-large target is measured against. Third value: that last
+    run was made."""
+    request = needed + len(set("".join(lines))) + max(64, needed // 50) if needed else EVERYTHING
+    for _ in range(SIZING_ROUNDS if needed else 0):
+        spm.set_random_generator_seed(seed)
+        scores, offered = unigram_offer(lines, label, base, request, script)
+        if len(offered) >= needed:
+            return scores, offered, False
+        request += int((needed - len(offered)) * 1.25) + 64
+    spm.set_random_generator_seed(seed)
+    return *unigram_offer(lines, label, base, EVERYTHING, script), True
+
+
+def extend_tokenizer(base_path: str | Path, corpus_texts: list[str], out_path: Path, target_size: int | str,
                      lang_tag: str | None = None, corpus_sources: list[dict] | None = None,
-                     seed: int = 0) -> ExtensionRecord:
+                     seed: int = 0, fold: bool = False) -> ExtensionRecord:
     """Append script characters, an optional language tag and corpus unigram pieces to the base until it has
-    exactly target_size pieces. Writes out_path, its .vocab and its .json record."""
+    exactly target_size pieces ("max": as many as the corpus supports). fold: same-sound letter folding in
+    the normaliser, recorded with its version. Writes out_path, its .vocab and its .json record."""
     base_path, out_path = Path(base_path), Path(out_path)
     base = load_model_proto(base_path)
     check_extendable(base, base_path)
@@ -225,7 +275,7 @@ def extend_tokenizer(base_path: str | Path, corpus_texts: list[str], out_path: P
                            "sha256": sha256_bytes("\n".join(corpus_texts).encode("utf-8"))}]
     label = corpus_label(corpus_sources)
     script = "ethiopic"
-    lines = normalised_corpus(corpus_texts, label, script)
+    lines = normalised_corpus(corpus_texts, label, script, fold)
 
     base_size = len(base.pieces)
     known = {p.piece for p in base.pieces}
@@ -234,30 +284,18 @@ def extend_tokenizer(base_path: str | Path, corpus_texts: list[str], out_path: P
     if tag in known:
         raise FidelError(base_path, f"base already has the language tag {tag}")
     fixed = base_size + len(chars) + (tag is not None)
-    if target_size <= fixed:
+    if target_size != MAX_SIZE and target_size <= fixed:
         raise FidelError(base_path, f"target size {target_size} leaves no room for unigram pieces: base {base_size} "
                                     f"+ {len(chars)} script characters{' + 1 tag' if tag else ''} = {fixed}")
-    needed = target_size - fixed
-
-    # Train a little more than needed: the trained vocab also holds single chars, "▁" and punctuation,
-    # which de-duplicate away.
-    spm.set_random_generator_seed(seed)
-    distinct_chars = len(set("".join(lines)))
-    unigram = train_in_memory(
-        lines, label, model_type="unigram", vocab_size=needed + distinct_chars + max(64, needed // 50),
-        character_coverage=1.0, normalization_rule_name=base.normalizer_spec.name or "nmt_nfkc",
-        bos_id=-1, eos_id=-1, unk_id=0, pad_id=-1, byte_fallback=False, hard_vocab_limit=False,
-        max_sentencepiece_length=base.trainer_spec.max_sentencepiece_length or 16)
-    unigram_scores = {p.piece: p.score for p in unigram.pieces if p.type == NORMAL}
-
-    offered = sorted(
-        ((score, piece) for piece, score in unigram_scores.items()
-         if len(piece) > 1 and any(is_script_char(ch, script) for ch in piece) and piece not in known),
-        key=lambda sp: (-sp[0], sp[1]))
+    needed = None if target_size == MAX_SIZE else target_size - fixed
+    unigram_scores, offered, measured = sized_offer(lines, label, base, needed, script, seed)
+    largest = fixed + len(offered) if measured else None
+    if needed is None:
+        needed, target_size = len(offered), largest
     if len(offered) < needed:
-        raise FidelError(label, f"corpus supplies only {len(offered)} new unigram pieces but {needed} are needed to "
-                                f"reach {target_size} (base {base_size} + {len(chars)} script characters"
-                                f"{' + 1 tag' if tag else ''}); add text or lower the target size")
+        raise FidelError(label, f"corpus supports at most size {largest} (base {base_size} + {len(chars)} script "
+                                f"characters{' + 1 tag' if tag else ''} + {len(offered)} unigram pieces), not "
+                                f"{target_size}; use --size {largest} or --size max, or add text")
 
     # Scores: the unigram model's own log-probs, so Viterbi over the new pieces segments as the trained model
     # does (longer pieces win whenever the model found them likelier). Capped at the base's best NORMAL
@@ -283,7 +321,8 @@ def extend_tokenizer(base_path: str | Path, corpus_texts: list[str], out_path: P
         target_size=target_size, out_path=str(out_path), out_sha256=out_sha256,
         script_chars_added=len(chars), script_chars="".join(chars), lang_tag=tag,
         lang_tag_id=base_size if tag else None, unigram_pieces_added=needed, unigram_pieces_offered=len(offered),
-        corpus_lines=len(lines), corpus_sources=corpus_sources, seed=seed)
+        corpus_lines=len(lines), corpus_sources=corpus_sources, seed=seed, largest_size=largest,
+        normalizer=normalizer_record(fold))
     out_path.with_suffix(".json").write_text(json.dumps(record.to_dict(), indent=2, ensure_ascii=False) + "\n",
                                              encoding="utf-8")
     return record
@@ -389,6 +428,18 @@ def check_vocab_size(size: int, config_text_tokens: int | None, checkpoint_text_
     return Check("vocab_size", not problems, "; ".join(parts), "; ".join(problems))
 
 
+def unk_chars(sp: spm.SentencePieceProcessor, lines: list[str]) -> Counter:
+    """How often each character that encodes to <unk> occurs in lines (as the model's normaliser sees them)."""
+    counts = Counter("".join(sp.normalize(line) for line in lines))
+    return Counter({ch: n for ch, n in counts.items() if sp.unk_id() in sp.encode(ch, out_type=int)})
+
+
+def describe_unk_chars(counts: Counter) -> str:
+    """ "'/' U+002F Po x443, ..." for the characters behind the <unk>, most frequent first."""
+    return "from " + ", ".join(f"{ch!r} U+{ord(ch):04X} {unicodedata.category(ch)} x{n}"
+                               for ch, n in counts.most_common())
+
+
 def verify_tokenizer(candidate_path: str | Path, base_path: str | Path, target_texts: list[str],
                      base_samples: list[str] | None = None, config_text_tokens: int | None = None,
                      checkpoint_text_rows: int | None = None, max_unused_share: float = 0.9,
@@ -396,7 +447,8 @@ def verify_tokenizer(candidate_path: str | Path, base_path: str | Path, target_t
     """One pass/fail line per check of docs/design.md §2 for an extended tokenizer against its base."""
     cand, base = load_model_proto(candidate_path), load_model_proto(base_path)
     cand_sp, base_sp = processor_from_proto(cand, candidate_path), processor_from_proto(base, base_path)
-    lines = [line for line in map(normalize_text, target_texts) if line]
+    fold = recorded_fold(candidate_path)
+    lines = [line for line in (normalize_text(t, fold=fold) for t in target_texts) if line]
     if not lines:
         raise FidelError(None, "target corpus is empty (no text after normalisation)")
     base_size = len(base.pieces)
@@ -412,11 +464,12 @@ def verify_tokenizer(candidate_path: str | Path, base_path: str | Path, target_t
     unk_count = sum(ids.count(unk) for ids in encoded)
     unk_lines = sum(unk in ids for ids in encoded)
     report.append(Check("target_unk", unk_count == 0, f"{unk_count} <unk> in {len(lines)} lines",
-                            f"{unk_lines} lines have <unk>" if unk_count else ""))
+                            f"{unk_lines} lines have <unk>; {describe_unk_chars(unk_chars(cand_sp, lines))}"
+                            if unk_count else ""))
 
     pieces = {p.piece: p.type for p in cand.pieces}
-    seen = set().union(*(cand_sp.normalize(line) for line in lines))
-    chars = sorted(ch for ch in seen if is_script_char(ch, script))
+    seen = set().union(*(cand_sp.normalize(line) for line in lines + [script_letters(script)]))
+    chars = sorted(ch for ch in seen if is_script_char(ch, script))  # every letter, seen in the corpus or not
     missing = [ch for ch in chars if pieces.get(ch) not in (NORMAL, USER_DEFINED)]
     report.append(Check("script_coverage", not missing, f"{len(missing)} of {len(chars)} {script} chars missing",
                             f"missing: {''.join(missing[:20])}" if missing else ""))
