@@ -56,6 +56,7 @@ TENS = ["", "አስር", "ሃያ", "ሰላሳ", "አርባ", "ሃምሳ", "ስ�
 TEN_COMBINING = "አስራ"  # 11..19 read "አስራ አንድ", not "አስር አንድ"
 HUNDRED, THOUSAND, POINT, MINUS, RANGE_TO = "መቶ", "ሺህ", "ነጥብ", "ሲቀነስ", "እስከ"
 SCALES = ((10**12, "ትሪሊዮን"), (10**9, "ቢሊዮን"), (10**6, "ሚሊዮን"), (1000, THOUSAND), (100, HUNDRED))
+ORDINAL_STEMS = {THOUSAND: "ሺ", "ዘጠኝ": "ዘጠነ"}  # the two whose last letter does not just drop to first order
 HOUR, MINUTE, MINUTE_JOIN = "ሰዓት", "ደቂቃ", "ከ"
 
 # Abbreviations written with / or . (a short table of the common ones; an unknown one-letter X/Y is read
@@ -95,7 +96,7 @@ ARITHMETIC = re.compile(rf"({NUMBER})\s?([+*×/÷=<>])\s?(?=\d)")
 ASCII_NUMBER = re.compile(NUMBER)
 WHITESPACE = re.compile(r"\s+")
 SPACE_BEFORE_MARK = re.compile(r" ([.,!?])")
-REPEATED_MARK = re.compile(r"([.,])(?:\s*[.,])+")
+REPEATED_MARK = re.compile(r"([.,!?])(?:\s*[.,])+")
 
 
 def ethiopic_numeral_value(numeral: str) -> int:
@@ -141,8 +142,8 @@ def ordinal_word(n: int) -> str:
     """8 -> ስምንተኛ, 1 -> አንደኛ, 20 -> ሃያኛ, 1000 -> አንድ ሺኛ: the last word's closing sixth-order letter
     becomes its first order, then ኛ."""
     head, _, last = spell_number(n).rpartition(" ")
-    if last == THOUSAND:
-        last = "ሺ"
+    if last in ORDINAL_STEMS:
+        last = ORDINAL_STEMS[last]
     elif (ord(last[-1]) - 0x1200) % 8 == 5:  # sixth order (ድ ት ኝ ር ን ...) -> first order (ደ ተ ነ ረ ነ)
         last = last[:-1] + chr(ord(last[-1]) - 5)
     return f"{head} {last}ኛ".strip()
