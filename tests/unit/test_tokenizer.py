@@ -469,3 +469,51 @@ def test_cli_bad_input_is_one_error_line_and_exit_2(small_base, tmp_path, capsys
     code = run_cli(["tokenizer", "verify", "--tokenizer", str(small_base), "--base", str(small_base),
                     "--corpus", str(corpus), "--config", str(bad_config)])
     assert code == 2 and "config.yaml" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- real Amharic text
+
+REAL_TEXT = Path(__file__).resolve().parents[1] / "data" / "amharic" / "amharic.txt"
+
+
+@pytest.fixture(scope="module")
+def real_split() -> tuple[list[str], list[str]]:
+    """The Debian-translation excerpt (tests/data/amharic/README.md): every fifth line held out."""
+    lines = [line for line in REAL_TEXT.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [t for i, t in enumerate(lines) if i % 5], [t for i, t in enumerate(lines) if not i % 5]
+
+
+def test_real_text_extends_to_the_size_its_error_names_and_verifies_held_out_text(real_split, tmp_path):
+    train, held_out = real_split
+    with pytest.raises(FidelError, match=r"supports at most size (\d+)") as error:
+        extend_tokenizer(REFERENCE, train, tmp_path / "big.model", 24000, lang_tag="AM")
+    largest = int(re.search(r"at most size (\d+)", str(error.value)).group(1))
+    record = extend_tokenizer(REFERENCE, train, tmp_path / "am.model", largest, lang_tag="AM")
+    assert record.target_size == largest and record.script_chars_added >= len(script_letters())
+    report = verify_tokenizer(tmp_path / "am.model", REFERENCE, held_out)
+    assert report.passed, report.to_text()
+
+
+def test_verify_names_the_characters_behind_unk(small_extension):
+    report = verify_tokenizer(small_extension["candidate"], small_extension["base"], ["ሰላም Ωμέγα ዓለም Ω"])
+    assert "target_unk" in report.failed
+    assert "'Ω' U+03A9 Lu x2" in report.line("target_unk").reason
+
+
+def test_folding_is_recorded_and_verify_and_the_front_end_apply_it(real_split, tmp_path):
+    pytest.importorskip("indextts.utils.front")
+    from fidel_tts.trainer.text.normalize import FidelTextTokenizer
+
+    train, held_out = real_split
+    record = extend_tokenizer(REFERENCE, train, tmp_path / "fold.model", "max", fold=True)
+    assert record.normalizer == {"version": 2, "fold_same_sound": True}
+    saved = json.loads((tmp_path / "fold.json").read_text(encoding="utf-8"))
+    assert saved["normalizer"] == record.normalizer
+    assert verify_tokenizer(tmp_path / "fold.model", REFERENCE, held_out).passed
+    front, sp = FidelTextTokenizer(tmp_path / "fold.model"), load_tokenizer(tmp_path / "fold.model")
+    assert all(front.encode(t) == encode(sp, t, fold=True) for t in held_out)
+    assert front.encode("ሐሰን") == front.encode("ሀሰን")
+    saved["normalizer"]["version"] = 1
+    (tmp_path / "fold.json").write_text(json.dumps(saved), encoding="utf-8")
+    with pytest.raises(FidelError, match=r"fold\.json.*normaliser version 1"):
+        FidelTextTokenizer(tmp_path / "fold.model")
