@@ -27,6 +27,7 @@ def add_commands(sub) -> None:
     speak.add_argument("--emo-text", default=None, help="describe the emotion in words (upstream's Qwen emotion)")
     speak.add_argument("--emo-random", action="store_true", help="upstream use_random")
     speak.add_argument("--interval-silence", type=int, default=200, help="ms of silence between segments")
+    speak.add_argument("--max-mel-tokens", type=int, default=1500, help="upstream's cap on codes per segment")
     speak.set_defaults(func=cmd_speak)
 
 
@@ -48,7 +49,10 @@ def out_paths(out: Path, count: int) -> list[Path]:
 
 
 def emotion_keywords(args) -> dict:
-    keywords = {"emo_alpha": args.emo_alpha, "use_random": args.emo_random, "interval_silence": args.interval_silence}
+    if args.max_mel_tokens < 1 or not 0 <= args.emo_alpha <= 1:
+        raise FidelError(None, "--max-mel-tokens must be >= 1 and --emo-alpha within 0..1")
+    keywords = {"emo_alpha": args.emo_alpha, "use_random": args.emo_random, "interval_silence": args.interval_silence,
+                "max_mel_tokens": args.max_mel_tokens}
     if args.emo_prompt:
         if not Path(args.emo_prompt).is_file():
             raise FidelError(args.emo_prompt, "--emo-prompt not found")

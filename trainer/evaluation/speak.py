@@ -28,7 +28,6 @@ HUB_WEIGHTS = (
 )
 VOCODER_FILES = ("config.json", "bigvgan_generator.pt")
 FOLDER_KEYS = ("gpt_checkpoint", "s2mel_checkpoint", "w2v_stat", "emo_matrix", "spk_matrix", "qwen_emo_path")
-SAMPLE_RATE = 22050
 
 
 @dataclass
@@ -43,9 +42,13 @@ class SpeakSettings:
 
 
 def work_offline() -> None:
-    """IndexTTS2 calls hf_hub_download and from_pretrained; offline they read the cache or fail, never fetch."""
+    """IndexTTS2 calls hf_hub_download and from_pretrained; offline they read the cache or fail, never fetch.
+    huggingface_hub reads the variable once, at import: set its constant too."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    from huggingface_hub import constants
+
+    constants.HF_HUB_OFFLINE = True
 
 
 def folder_problems(folder: Path, cfg: dict) -> list[str]:
@@ -132,6 +135,7 @@ def text_problems(folder: Path, cfg: dict, texts: list[str]) -> list[str]:
 
 
 def check_model(settings: SpeakSettings) -> list[str]:
+    work_offline()
     problems = input_problems(settings)
     if problems:
         return problems
@@ -157,13 +161,14 @@ def seed_everything(seed: int) -> None:
 
 
 def speak(tts, settings: SpeakSettings) -> list[tuple[Path, float]]:
-    """Each text through IndexTTS2.infer (seeded per text); [(wav, seconds)]."""
+    """Each text through IndexTTS2.infer (seeded per text); [(wav, seconds)]. infer returns upstream's own 16-bit
+    samples, written here with soundfile: upstream's torchaudio.save needs torchcodec, which it does not install."""
     import soundfile as sf
 
     spoken = []
     for text, out in zip(settings.texts, settings.outs):
         seed_everything(settings.seed)
-        tts.infer(str(settings.prompt), text, str(out), **settings.emotion)
-        spoken.append((out, sf.info(str(out)).frames / SAMPLE_RATE))
+        rate, samples = tts.infer(str(settings.prompt), text, None, **settings.emotion)
+        sf.write(str(out), samples, rate, subtype="PCM_16")
+        spoken.append((out, len(samples) / rate))
     return spoken
-
