@@ -22,7 +22,10 @@ from pathlib import Path
 PACKAGES = (
     "iso-codes", "libglib2.0-data", "libgtk-3-common", "libgtk2.0-common", "gnome-desktop3-data",
     "evolution-data-server-common", "gnome-control-center-data", "nautilus-data", "at-spi2-common",
-    "software-properties-common", "libpam-runtime",
+    "software-properties-common", "libpam-runtime", "baobab", "eog", "file-roller", "gdm3", "gedit-common",
+    "gimp-data", "gnome-calculator", "gnome-panel-data", "gnome-session-common", "gnome-system-monitor",
+    "gnome-terminal-data", "gnumeric-common", "gucharmap", "libgweather-4-common", "metacity-common",
+    "mutter-common", "rhythmbox-data", "thunar-data", "totem-common", "xfce4-panel", "yelp", "zenity-common",
 )
 MARKUP = re.compile(r"<[^>]+>|%\d*\$?[sdiuf]|_(?=\w)")  # tags, printf slots, mnemonic underscores are not text
 
