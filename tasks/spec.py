@@ -10,6 +10,7 @@ from fidel_tts.trainer.data.prepare import PREPARE_PATHS, PrepareSettings
 from fidel_tts.trainer.errors import FidelError
 from fidel_tts.trainer.model.config import read_yaml
 from fidel_tts.trainer.options import check, from_mapping, option, same_as, section
+from fidel_tts.trainer.training.build import check_base_tokenizer
 from fidel_tts.trainer.training.options import LaunchOptions, TrainConfig
 
 INPUTS = ("tokenizer", "base_tokenizer", "config", "base_checkpoint")
@@ -67,6 +68,7 @@ class RunSpec:
                 raise FidelError(path, f"{key}: not readable ({exc.strerror})") from None
         if self.prepare:
             PrepareSettings(**self.prepare).models.files()  # the weights the prepare stage loads
+        check_base_tokenizer(self.train_config())  # exit 2 here, not a failed verification after MLflow
 
     def launch_options(self, node_rank: int | None = None) -> LaunchOptions:
         """launch.*, with this machine's node rank when the flow is given one (one run file for every node)."""

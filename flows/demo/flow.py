@@ -18,6 +18,7 @@ from fidel_tts.tasks.report import Preempted, StageFailed, failed_state, logger
 from fidel_tts.trainer.checkpoints.export import export_model, read_export_record
 from fidel_tts.trainer.errors import EXIT_PREEMPTED, FidelError
 from fidel_tts.trainer.model.config import write_config_yaml
+from fidel_tts.trainer.text.normalize import script_letters
 from fidel_tts.trainer.text.tokenizer import encode, extend_tokenizer, load_tokenizer, train_base_tokenizer
 from fidel_tts.trainer.training.hooks import TrainHooks
 from fidel_tts.trainer.training.options import TrainConfig
@@ -31,7 +32,7 @@ from prefect.cache_policies import NO_CACHE
 class DemoSize:
     per_speaker: int  # utterances per speaker and language
     base_vocab: int
-    new_pieces: int
+    new_pieces: int  # unigram pieces beyond the script's letters (every letter is a piece)
     base_steps: int
     finetune_steps: int
 
@@ -70,7 +71,7 @@ def tokenizer_step(root: Path, corpus: DemoCorpus, size: DemoSize) -> tuple[Path
     if not extended.is_file():
         base_size = load_tokenizer(base).get_piece_size()
         am_lines = corpus.am_text_path.read_text(encoding="utf-8").splitlines()
-        extend_tokenizer(base, am_lines, extended, base_size + size.new_pieces,
+        extend_tokenizer(base, am_lines, extended, base_size + len(script_letters()) + size.new_pieces,
                          corpus_sources=[{"path": str(corpus.am_text_path), "lines": len(am_lines)}])
     return base, extended
 

@@ -219,8 +219,20 @@ def swap_pieces(proto) -> None:
     proto.pieces[5].piece, proto.pieces[6].piece = proto.pieces[6].piece, proto.pieces[5].piece
 
 
+def drop_last(proto) -> None:
+    del proto.pieces[-1]
+
+
 def rescore_last(proto) -> None:
     proto.pieces[-1].score += 0.5
+
+
+def smaller_tokenizer(ws: Workspace) -> Path:
+    """A model with fewer pieces than the base has rows: no extension of it."""
+    from fidel_tts.trainer.text.tokenizer import train_base_tokenizer
+
+    english = [line.upper() for line in ("the cat sat on the mat.", "a dog ran in the park.") * 50]
+    return train_base_tokenizer(english, ws.root / "small.model", vocab_size=24)
 
 
 def shifted_tokenizer(ws: Workspace) -> list[str]:
@@ -308,6 +320,12 @@ def codes_with(value: int) -> Callable[[Workspace], np.ndarray]:
     return make
 
 
+def text_tokens(ws: Workspace) -> int:
+    from fidel_tts.trainer.text.tokenizer import load_tokenizer
+
+    return load_tokenizer(ws.project.tokenizer).get_piece_size()
+
+
 def ids_with(value: int) -> Callable[[Workspace], np.ndarray]:
     def make(ws: Workspace) -> np.ndarray:
         ids = np.load(ws.feature("ids")).copy()
@@ -316,7 +334,7 @@ def ids_with(value: int) -> Callable[[Workspace], np.ndarray]:
     return make
 
 
-DIM, CODEBOOK, START_MEL, TEXT_TOKENS = 32, 64, 64, 210
+DIM, CODEBOOK, START_MEL = 32, 64, 64
 ROW = "train.jsonl:4"  # the case's bad pair is the manifest's fourth line
 
 CASES: list[Case] = [
@@ -421,7 +439,7 @@ CASES: list[Case] = [
     Case("code equal to the start token", "features", then(feature("codes", codes_with(START_MEL))),
          "codes_out_of_range"),
     Case("negative code", "features", then(feature("codes", codes_with(-1))), "codes_out_of_range"),
-    Case("text id past the tokenizer", "features", then(feature("ids", ids_with(TEXT_TOKENS + 3))),
+    Case("text id past the tokenizer", "features", then(feature("ids", lambda ws: ids_with(text_tokens(ws) + 3)(ws))),
          "outside this tokenizer's pieces"),
     Case("text id equal to the start token", "features", then(feature("ids", ids_with(0))), "start/stop token"),
     Case("text id equal to the stop token", "features", then(feature("ids", ids_with(1))), "start/stop token"),
@@ -432,7 +450,7 @@ CASES: list[Case] = [
          "code 4"),
     Case("Parquet dataset for another width", "features", then(lambda ws: ws.config(model_dim=64),
                                                                 Workspace.parquet_args),
-         "conditioning shape [32, 32], this config wants [32, 64]"),
+         "gpt.pth: does not match the config"),
     Case("Parquet dataset of another tokenizer", "features",
          lambda ws: ws.parquet_args("--tokenizer", str(edited_tokenizer(ws, rescore_last))), "built with tokenizer"),
     Case("Parquet file garbage", "features", then(garbage(lambda ws: ws.parquet / "train.parquet"),
@@ -452,6 +470,8 @@ CASES: list[Case] = [
          "tokenizer model not found"),
     Case("base tokenizer given as --tokenizer", "tokenizers",
          lambda ws: ws.train_args("--tokenizer", str(ws.project.base_tokenizer)), "text id"),
+    Case("tokenizer smaller than the base", "tokenizers",
+         lambda ws: ws.train_args("--tokenizer", str(smaller_tokenizer(ws))), "fewer than the base's 90"),
 
     # --- configs
     Case("config missing", "configs", flag("--config", "/nonexistent/config.yaml"), "config file not found"),
@@ -460,7 +480,8 @@ CASES: list[Case] = [
     Case("config without gpt", "configs", then(lambda ws: ws.project.base_config.write_text("dataset: {}\n")),
          "config.yaml"),
     Case("config model_dim as text", "configs", then(lambda ws: ws.config(model_dim="wide")), "model_dim"),
-    Case("config for another width", "configs", then(lambda ws: ws.config(model_dim=64, heads=2)), "want [32, 64]"),
+    Case("config for another width", "configs", then(lambda ws: ws.config(model_dim=64, heads=2)),
+         "gpt.pth: does not match the config"),
 
     # --- checkpoints
     Case("resume file missing", "checkpoints", lambda ws: resume_args(ws, str(ws.root / "gone.pt")),
@@ -478,6 +499,9 @@ CASES: list[Case] = [
          lambda ws: ws.train_args("--output-dir", str(ws.trained)), "already holds checkpoints"),
     Case("resume with another tokenizer", "checkpoints",
          lambda ws: resume_args(ws, "auto", "--tokenizer", str(edited_tokenizer(ws, rescore_last))),
+         "tokenizer_sha256 differs from this run's"),
+    Case("resume with a tokenizer of another size", "checkpoints",
+         lambda ws: resume_args(ws, "auto", "--tokenizer", str(edited_tokenizer(ws, drop_last))),
          "tokenizer_sha256 differs from this run's"),
     Case("base checkpoint missing", "checkpoints", flag("--base-checkpoint", "/nonexistent/gpt.pth"), "gpt.pth"),
     Case("base checkpoint garbage", "checkpoints", then(garbage(lambda ws: ws.project.base_checkpoint)), "gpt.pth"),

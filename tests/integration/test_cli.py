@@ -239,3 +239,44 @@ def test_an_unexpected_error_is_one_line_with_the_traceback_in_a_file(monkeypatc
     saved = Path(err.removesuffix(")").rsplit("traceback in ", 1)[1])
     assert "Traceback" in saved.read_text() and "\n" not in err
     saved.unlink()
+
+
+def shifted_copy(tokenizer: Path, out: Path) -> Path:
+    """The tokenizer with two base pieces swapped: its base rows would be trained on the wrong pieces."""
+    from fidel_tts.trainer.text.tokenizer import load_model_proto, write_model
+
+    proto = load_model_proto(tokenizer)
+    proto.pieces[5].piece, proto.pieces[6].piece = proto.pieces[6].piece, proto.pieces[5].piece
+    write_model(proto, out)
+    return out
+
+
+def test_fidel_run_refuses_shifted_base_pieces_before_prefect_or_mlflow(tiny_project, tmp_path, capsys):
+    import yaml
+
+    settings = tiny_project.flow_settings(tmp_path / "out", f"sqlite:///{tmp_path}/mlruns/mlflow.db", max_steps=2)
+    settings["tokenizer"] = str(shifted_copy(tiny_project.tokenizer, tmp_path / "shifted.model"))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(settings))
+    assert main(["run", "--config", str(tmp_path / "run.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {tmp_path / 'shifted.model'}: does not extend base tokenizer"), err
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "out").exists()
+
+
+def test_fidel_train_takes_the_bpe_model_beside_the_base_checkpoint_as_the_base_tokenizer(tiny_project, tmp_path,
+                                                                                          capsys):
+    import shutil
+
+    release = tmp_path / "release"
+    release.mkdir()
+    shutil.copy(tiny_project.base_checkpoint, release / "gpt.pth")
+    shutil.copy(tiny_project.base_tokenizer, release / "bpe.model")
+    args = train_args(tiny_project, tmp_path / "out")
+    args[args.index("--base-checkpoint") + 1] = str(release / "gpt.pth")
+    args[args.index("--tokenizer") + 1] = str(shifted_copy(tiny_project.tokenizer, tmp_path / "shifted.model"))
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert f"base tokenizer: {release / 'bpe.model'} (beside the base checkpoint" in captured.out + captured.err
+    assert captured.err.strip().splitlines()[-1].startswith(
+        f"error: {tmp_path / 'shifted.model'}: does not extend base tokenizer {release / 'bpe.model'}")
+    assert not (tmp_path / "out").exists()

@@ -3,6 +3,7 @@ checks that refuse bad inputs before any work, and the lineage a checkpoint carr
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 import uuid
@@ -29,6 +30,7 @@ from fidel_tts.trainer.text.tokenizer import check_base_pieces, load_model_proto
 from fidel_tts.trainer.training.checkpoint import (
     is_fidel_checkpoint,
     latest_valid_checkpoint,
+    read_sidecar,
     verify_checkpoint,
 )
 from fidel_tts.trainer.training.distributed import any_rank, from_rank0
@@ -128,6 +130,21 @@ def check_output_dir(out: Path) -> None:
         raise FidelError(out, f"output dir is not writable ({exc.strerror})") from None
 
 
+def with_default_base_tokenizer(tc: TrainConfig, warn: Callable[[str], None]) -> TrainConfig:
+    """No base tokenizer given: the bpe.model beside the base checkpoint, when it has the base config's number of
+    text tokens, is the base's own (the IndexTTS2 release keeps them side by side), so the extension's base
+    pieces are checked against it."""
+    if tc.base_tokenizer is not None or tc.base_checkpoint is None:
+        return tc
+    beside = Path(tc.base_checkpoint).parent / "bpe.model"
+    if not beside.is_file() or beside.resolve() == Path(tc.tokenizer).resolve():
+        return tc
+    if load_tokenizer(beside).get_piece_size() != load_gpt_config(tc.config).number_text_tokens:
+        return tc  # not the base's: an extended tokenizer kept beside it, say
+    warn(f"base tokenizer: {beside} (beside the base checkpoint; --base-tokenizer to choose another)")
+    return dataclasses.replace(tc, base_tokenizer=str(beside))
+
+
 def check_base_tokenizer(tc: TrainConfig) -> None:
     """With the base tokenizer known, the extended one must keep its pieces at the same ids."""
     if tc.base_tokenizer is None:
@@ -198,6 +215,15 @@ def check_lineage(saved: dict, fresh: dict, path: Path) -> None:
         if saved.get(key) != fresh.get(key):
             raise FidelError(path, f"{key} differs from this run's ({saved.get(key)} vs {fresh.get(key)}): "
                                    "not the same lineage")
+
+
+def check_resume_inputs(path: Path, tc: TrainConfig, setup: Setup) -> None:
+    """The checkpoint to resume was trained with this tokenizer and base: said naming the checkpoint, before any
+    row is read (a tokenizer of another size would otherwise show as a row's id out of range)."""
+    side = read_sidecar(path)
+    fresh = {"base_rows_sha256": setup.base_hash, "tokenizer_sha256": file_sha256(tc.tokenizer), "freeze": tc.freeze}
+    recorded = [key for key in fresh if key in side]
+    check_lineage({k: side[k] for k in recorded}, {k: fresh[k] for k in recorded}, path)
 
 
 def convert_position(micro: int, old_plan_len: int, new_plan_len: int, group: int) -> int:

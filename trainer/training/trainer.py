@@ -15,10 +15,8 @@ from pathlib import Path
 import torch
 from fidel_tts.trainer.data.loader import training_data
 from fidel_tts.trainer.errors import FidelError
-from fidel_tts.trainer.model.config import load_gpt_config
 from fidel_tts.trainer.model.weights import model_base_rows_hash
 from fidel_tts.trainer.process import StopRequest, resolve_device
-from fidel_tts.trainer.text.tokenizer import load_tokenizer
 from fidel_tts.trainer.training.build import (
     apply_batch_change,
     build_model,
@@ -26,10 +24,12 @@ from fidel_tts.trainer.training.build import (
     check_free_space,
     check_lineage,
     check_output_dir,
+    check_resume_inputs,
     check_rows,
     effective_batch,
     lineage_of,
     resume_on_every_rank,
+    with_default_base_tokenizer,
 )
 from fidel_tts.trainer.training.checkpoint import load_checkpoint, remove_stale_temp_files
 from fidel_tts.trainer.training.checkpointer import Checkpointer, Restored
@@ -94,17 +94,21 @@ class Trainer:
 
     def check_and_build(self) -> Path | None:
         """Every check that can refuse the run, before anything is written; then the model on its device."""
-        tc, env = self.tc, self.env
+        self.tc = tc = with_default_base_tokenizer(self.tc, self.hooks.on_warning)
+        env = self.env
         check_output_dir(self.out)
         resume_path = resume_on_every_rank(tc, env, self.device, self.hooks.on_warning, self.hooks.on_foreign_resume)
         check_base_tokenizer(tc)
-        cfg = load_gpt_config(tc.config).with_text_tokens(load_tokenizer(tc.tokenizer).get_piece_size())
+        # the model-level inputs (tokenizer against base, config against checkpoint) before any row: a wrong one
+        # is named itself, not through the first row it makes look wrong
+        self.setup = build_model(tc)
+        if resume_path is not None:
+            check_resume_inputs(resume_path, tc, self.setup)
+        check_free_space(self.out, self.setup.model)
         # the Parquet dataset of `fidel data build` (its tokenizer must be this run's) or paired JSONL manifests
         self.data = training_data(tc.train_manifests, tc.val_manifests, tc.batch_size, tc.seed,
                                   tokenizer=tc.tokenizer, max_tokens=tc.batch_tokens)
-        check_rows(self.data, cfg)
-        self.setup = build_model(tc)
-        check_free_space(self.out, self.setup.model)
+        check_rows(self.data, self.setup.cfg)
         if env.main:
             self.hooks.on_claim(self.out)
             remove_stale_temp_files(self.out)
