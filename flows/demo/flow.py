@@ -37,8 +37,8 @@ class DemoSize:
     finetune_steps: int
 
 
-FULL = DemoSize(per_speaker=80, base_vocab=400, new_pieces=700, base_steps=600, finetune_steps=400)
-QUICK = DemoSize(per_speaker=12, base_vocab=200, new_pieces=180, base_steps=60, finetune_steps=40)
+FULL = DemoSize(per_speaker=80, base_vocab=400, new_pieces=300, base_steps=600, finetune_steps=400)
+QUICK = DemoSize(per_speaker=12, base_vocab=200, new_pieces=80, base_steps=60, finetune_steps=40)
 
 MODEL = {"model_dim": 128, "layers": 4, "heads": 4, "max_text_tokens": 200, "max_mel_tokens": 600}
 
