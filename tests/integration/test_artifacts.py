@@ -79,11 +79,17 @@ def test_a_fidel_failure_is_a_failed_state_with_its_one_line_reason(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_lineage_tells_its_story_in_both_uis(tiny_project, tmp_path, mlflow_uri):
+def test_a_lineage_tells_its_story_in_both_uis(tiny_project, tmp_path, mlflow_uri, monkeypatch):
+    import functools
+
+    import fidel_tts.tasks.gates
     from fidel_tts.flows.finetune import finetune
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
+    # an advisory gate that fails whatever the tiny model decodes: how the UIs show one is what is tested
+    strict = functools.partial(fidel_tts.tasks.gates.inference_smoke, min_ratio=100.0)
+    monkeypatch.setattr(fidel_tts.tasks.gates, "inference_smoke", strict)
     out = tmp_path / "out"
     summary = finetune(settings=tiny_project.flow_settings(out, mlflow_uri, max_steps=20))
     key = lineage_key(out)

@@ -447,7 +447,7 @@ CASES: list[Case] = [
     Case("npy header claiming 1 TiB", "features", then(huge_header), "header says shape [274877906944, 1]"),
     Case("Parquet dataset with codes past this config's codebook", "features",
          then(lambda ws: ws.config(start_mel_token=40, stop_mel_token=41, number_mel_codes=42), Workspace.parquet_args),
-         "code 4"),
+         "gpt.pth: does not match the config"),
     Case("Parquet dataset for another width", "features", then(lambda ws: ws.config(model_dim=64),
                                                                 Workspace.parquet_args),
          "gpt.pth: does not match the config"),

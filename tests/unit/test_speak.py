@@ -17,7 +17,6 @@ from fidel_tts.trainer.model.config import read_config_yaml
 BPE = Path(__file__).parents[1] / "data" / "bpe.model"
 from tests.unit.test_export import fake_release, full_layout_project, trained  # noqa: F401 - the fixture
 
-
 SNAPSHOT = "0" * 40
 
 def hub_folder(cache: Path, repo: str) -> Path:

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from fidel_tts.trainer.errors import FidelError
 from fidel_tts.trainer.model.config import read_config_yaml
 
 RELEASE_SOURCE = "hf download IndexTeam/IndexTTS-2 --local-dir checkpoints (README: Using fidel on the real IndexTTS2 model)"

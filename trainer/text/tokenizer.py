@@ -483,7 +483,10 @@ def verify_tokenizer(candidate_path: str | Path, base_path: str | Path, target_t
     report.append(Check("tokens_per_word", per_word <= MAX_TOKENS_PER_WORD, f"{per_word:.2f}",
                             f"above {MAX_TOKENS_PER_WORD}" if per_word > MAX_TOKENS_PER_WORD else ""))
 
-    new_ids = {i for i in range(base_size, len(cand.pieces)) if cand.pieces[i].type == NORMAL}
+    # the script's letters are pieces whether the text has them or not (coverage, above): unused counts the rest
+    letters = set(script_letters())
+    new_ids = {i for i in range(base_size, len(cand.pieces))
+               if cand.pieces[i].type == NORMAL and cand.pieces[i].piece not in letters}
     used = {i for ids in encoded for i in ids}
     unused = len(new_ids - used)
     share = unused / len(new_ids) if new_ids else 1.0
