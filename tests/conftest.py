@@ -56,6 +56,8 @@ def stop_descendants() -> list[str]:
     left = []
     for child in psutil.Process().children(recursive=True):
         try:
+            if "multiprocessing.resource_tracker" in " ".join(child.cmdline()):
+                continue  # Python's own helper of this process: it ends when pytest closes its pipe
             left.append(f"{child.pid} {' '.join(child.cmdline())[:160]}")
             child.kill()
         except psutil.NoSuchProcess:
