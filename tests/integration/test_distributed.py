@@ -11,14 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
+from fidel_tts.flows.server import free_port
 from fidel_tts.trainer.training.hooks import TrainHooks
 from fidel_tts.trainer.training.trainer import train
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker(rank: int, world: int, port: int, config: dict, record: str) -> None:

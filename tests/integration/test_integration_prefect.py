@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fidel_tts.flows.server import free_port
 from fidel_tts.trainer.lock import AlreadyRunning, OutputDirLock
 from fidel_tts.trainer.training.checkpoint import NAME, latest_valid_checkpoint
 from mlflow import MlflowClient
@@ -29,12 +30,6 @@ REPO = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).parent / "prefect")
 POOL = "fidel-process"
 STEPS, SAVE_EVERY, KILL_AFTER = 60, 10, 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Services:
